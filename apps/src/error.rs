@@ -1,0 +1,39 @@
+//! The apps crate's one error type, with the exit status each variant maps to.
+
+use nvstack_blockdev::BdevError;
+use nvstack_driver::DriverError;
+
+/// Failures of a subcommand.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// Bad input from the command line or a config: exit status 2.
+    #[error("{0}")]
+    Usage(String),
+    /// Setting up logging failed.
+    #[error("logging: {0}")]
+    Logging(String),
+    /// A block-device step failed.
+    #[error("block device")]
+    Bdev(#[from] BdevError),
+    /// A driver step failed.
+    #[error("driver")]
+    Driver(#[from] DriverError),
+    /// Writing output failed.
+    #[error("writing output")]
+    Output(#[source] std::io::Error),
+    /// A run finished but found problems (verify mismatches, I/O errors).
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl AppError {
+    /// The process exit status: 2 for bad input, 1 for everything else.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            AppError::Usage(_) | AppError::Logging(_) => 2,
+            AppError::Bdev(BdevError::Spec { .. } | BdevError::Size { .. } | BdevError::CoreMask { .. }) => 2,
+            AppError::Bdev(BdevError::FileOpen { .. }) => 2,
+            _ => 1,
+        }
+    }
+}

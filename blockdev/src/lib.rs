@@ -1,0 +1,16 @@
+//! nvstack's block-device layer.
+//!
+//! - [`bdev`]: the [`BlockDev`] / [`IoChannel`] contract: geometry, features, I/O descriptors and their
+//!   validation. Every backend and every stacked device (the cache) speaks it.
+//! - [`reactor`]: one pinned polling thread per core, pollers run to completion, cross-core messages on bounded
+//!   rings.
+//! - [`coremask`]: SPDK-style core masks (`0x3`, `0,1`, `0-3`).
+//! - One module per backend: `null`, `malloc`, `file`.
+
+pub mod bdev;
+pub mod coremask;
+pub mod error;
+pub mod reactor;
+
+pub use bdev::{BlockDev, Features, Geometry, IoChannel, IoDesc, IoError, IoFlags, IoOp, IoStatus, Seg, SubmitError};
+pub use error::BdevError;

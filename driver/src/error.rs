@@ -1,0 +1,55 @@
+//! The driver crate's one error type.
+
+use std::io;
+
+/// Every failure the driver layer reports. Each variant names the step that failed and carries what identifies it.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    /// Reserving the arena's memory with `mmap` failed.
+    #[error("arena: mapping {size_bytes} bytes of {kind} memory failed")]
+    ArenaMap {
+        /// Bytes asked for.
+        size_bytes: u64,
+        /// "2 MiB hugepage", "1 GiB hugepage" or "ordinary".
+        kind: &'static str,
+        /// The mmap error.
+        #[source]
+        source: io::Error,
+    },
+    /// Hugepages were required (a DMA backend) but none could be had.
+    #[error(
+        "arena: {size_bytes} bytes of hugepages are required for DMA but none are reserved; \
+         run `nvstack setup` (or `echo N > /proc/sys/vm/nr_hugepages` as root) and try again"
+    )]
+    HugepagesRequired {
+        /// Bytes asked for.
+        size_bytes: u64,
+    },
+    /// An arena size that is zero, not page-aligned, or too large.
+    #[error("arena: invalid size {size_bytes} bytes: {reason}")]
+    ArenaSize {
+        /// Bytes asked for.
+        size_bytes: u64,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// Carving a region out of the arena failed: it is exhausted.
+    #[error(
+        "arena: out of memory carving {size_bytes} bytes for {purpose} ({free_bytes} bytes free); \
+         raise the arena size (--arena-mb)"
+    )]
+    ArenaExhausted {
+        /// What the region was for.
+        purpose: &'static str,
+        /// Bytes asked for.
+        size_bytes: u64,
+        /// Bytes left.
+        free_bytes: u64,
+    },
+    /// Describing the arena as vm-memory regions failed.
+    #[error("arena: building the vm-memory description failed: {detail}")]
+    ArenaDescribe {
+        /// What vm-memory said.
+        detail: String,
+    },
+}

@@ -1,0 +1,12 @@
+//! nvstack's hardware layer.
+//!
+//! - [`dma`]: the DMA arena (hugepages reserved once at start, described as vm-memory regions whose guest address
+//!   is the IOVA) and the buffer pools carved from it.
+//! - `vfio`, `nvme`, `pmem`: device access (added by their own modules).
+//!
+//! This crate knows hardware and memory and nothing above it.
+
+pub mod dma;
+pub mod error;
+
+pub use error::DriverError;

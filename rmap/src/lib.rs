@@ -1,0 +1,1 @@
+//! nvstack's poison path: "ask the owner on demand" through pluggable reverse maps.

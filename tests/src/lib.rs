@@ -1,0 +1,1 @@
+//! nvstack system tests.
