@@ -8,5 +8,6 @@
 
 pub mod dma;
 pub mod error;
+pub mod nvme;
 
 pub use error::DriverError;
