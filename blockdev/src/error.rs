@@ -23,6 +23,39 @@ pub enum BdevError {
         /// Block size.
         block_size: u32,
     },
+    /// A block size that is not a power of two in 512..=65536, or one the backing store cannot do.
+    #[error("bdev {name}: block size {block_size}: {reason}")]
+    BlockSize {
+        /// Device name.
+        name: String,
+        /// Block size asked for.
+        block_size: u32,
+        /// What is wrong and what is expected.
+        reason: String,
+    },
+    /// A backing file's size does not fit what was asked (too small to shrink safely, missing with no size given).
+    #[error("bdev {name}: {path}: {reason}")]
+    FileSize {
+        /// Device name.
+        name: String,
+        /// The path.
+        path: String,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+    /// Extending, inspecting or probing a backing file failed.
+    #[error("bdev {name}: {step} on {path} failed")]
+    FileIo {
+        /// Device name.
+        name: String,
+        /// The path.
+        path: String,
+        /// The step that failed (`ftruncate`, `fstat`, `statx`...).
+        step: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
     /// Opening or sizing a backing file failed.
     #[error("bdev {name}: opening {path} failed")]
     FileOpen {
@@ -53,6 +86,17 @@ pub enum BdevError {
         /// The driver's error.
         #[source]
         source: nvstack_driver::DriverError,
+    },
+    /// Mapping or populating a RAM-backed device's memory failed.
+    #[error("bdev {name}: reserving {size_bytes} bytes of RAM failed")]
+    RamMap {
+        /// Device name.
+        name: String,
+        /// Bytes asked for.
+        size_bytes: u64,
+        /// The OS error.
+        #[source]
+        source: io::Error,
     },
     /// Opening a per-reactor channel failed.
     #[error("bdev {name}: opening an I/O channel failed: {reason}")]

@@ -11,6 +11,9 @@ pub mod bdev;
 pub mod coremask;
 pub mod error;
 pub mod reactor;
+pub mod null;
+pub mod malloc;
+pub mod spec;
 
 pub use bdev::{BlockDev, Features, Geometry, IoChannel, IoDesc, IoError, IoFlags, IoOp, IoStatus, Seg, SubmitError};
 pub use error::BdevError;

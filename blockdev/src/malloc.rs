@@ -1,0 +1,236 @@
+//! The `malloc` backend: a RAM disk (SPDK's `bdev_malloc`).
+//!
+//! The device's bytes are one anonymous mapping reserved and populated at creation (transparent hugepages asked
+//! for, so random access costs few TLB misses). Reads and writes copy between that RAM and the descriptor's
+//! segments with `ptr::copy_nonoverlapping`, in `submit`; the descriptor completes on the channel's next `poll`.
+//! Write zeroes and deallocate zero the range (so a deallocated block reads back as zeroes). Flush does nothing:
+//! the data is as durable as it will ever be.
+//!
+//! # Sharing and the data-race rule
+//! The RAM is shared by every channel of the device (each reactor has its own channel). It is reached only through
+//! raw pointers, never through Rust references. Two reactors writing the same block at the same time, or one
+//! reading a block while another writes it, is the caller's ordering problem, exactly as on a real disk: the
+//! result of such overlapping requests is unspecified (a mix of old and new bytes). Callers that need an order
+//! (the cache, a file system) must not have overlapping requests in flight on two reactors, as they must not on an
+//! NVMe namespace.
+
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use crate::bdev::{validate, ChannelOpts, Rejected, SubmitError};
+use crate::{BdevError, BlockDev, Features, Geometry, IoChannel, IoDesc, IoOp, IoStatus};
+
+/// SPDK's product name for this kind.
+pub const PRODUCT_NAME: &str = "Malloc disk";
+/// Largest single transfer.
+pub const MAX_TRANSFER_BYTES: u32 = 8 << 20;
+/// Most segments in one request.
+pub const MAX_SEGMENTS: u32 = 256;
+/// Largest channel queue depth.
+pub const MAX_QUEUE_DEPTH: u32 = 65536;
+
+/// The device's RAM: one anonymous mapping, unmapped when the last channel and the device are gone.
+#[derive(Debug)]
+struct Ram {
+    base: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: Ram is an owned anonymous mapping reached only through raw pointers; concurrent access from several
+// channels follows the data-race rule in the module doc (the caller orders overlapping requests).
+unsafe impl Send for Ram {}
+// SAFETY: as for Send: shared use only reads `base`/`len` and copies through raw pointers.
+unsafe impl Sync for Ram {}
+
+impl Ram {
+    fn map(name: &str, len: usize) -> Result<Ram, BdevError> {
+        let mem_err = |source: std::io::Error| BdevError::RamMap { name: name.to_owned(), size_bytes: len as u64, source };
+        // SAFETY: an anonymous private mapping at an address of the kernel's choosing; no existing memory is
+        // touched. The result is checked against MAP_FAILED.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(mem_err(std::io::Error::last_os_error()));
+        }
+        let Some(base) = NonNull::new(p.cast::<u8>()) else {
+            return Err(mem_err(std::io::Error::other("mmap returned a null address")));
+        };
+        let ram = Ram { base, len };
+        // SAFETY: `p..p+len` is the mapping just made; madvise only changes how it is backed.
+        let huge = unsafe { libc::madvise(p, len, libc::MADV_HUGEPAGE) };
+        if huge != 0 {
+            tracing::debug!(name, "malloc bdev: transparent hugepages not available for the RAM");
+        }
+        // Reserve (populate) now, so the I/O path never faults and an over-commit fails here, not mid-run.
+        // SAFETY: as above; MADV_POPULATE_WRITE faults the pages in writable.
+        let populated = unsafe { libc::madvise(p, len, libc::MADV_POPULATE_WRITE) };
+        if populated != 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ENOMEM) {
+                return Err(mem_err(err));
+            }
+            // Older kernels lack MADV_POPULATE_WRITE: touch one byte per page instead.
+            for off in (0..len).step_by(4096) {
+                // SAFETY: off < len, inside the mapping; a volatile store so the touch is not optimised away.
+                unsafe { std::ptr::write_volatile(base.as_ptr().add(off), 0) };
+            }
+        }
+        Ok(ram)
+    }
+}
+
+impl Drop for Ram {
+    fn drop(&mut self) {
+        // SAFETY: base/len describe the mapping made in `map`; the last owner (the Arc) is going away, so no
+        // channel can use it any more.
+        let rc = unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
+        if rc != 0 {
+            tracing::warn!(error = %std::io::Error::last_os_error(), "malloc bdev: munmap failed");
+        }
+    }
+}
+
+/// A RAM disk.
+#[derive(Debug)]
+pub struct MallocBdev {
+    name: String,
+    geo: Geometry,
+    feat: Features,
+    ram: Arc<Ram>,
+}
+
+impl MallocBdev {
+    /// A RAM disk of `size_bytes` (a non-zero multiple of `block_size`), reserved and zeroed now.
+    ///
+    /// # Errors
+    /// [`BdevError::BlockSize`] / [`BdevError::Size`] for a bad geometry, [`BdevError::RamMap`] when the RAM
+    /// cannot be reserved.
+    pub fn new(name: &str, size_bytes: u64, block_size: u32) -> Result<Arc<MallocBdev>, BdevError> {
+        let block_count = crate::spec::block_count(name, size_bytes, block_size)?;
+        let len = usize::try_from(size_bytes)
+            .map_err(|_| BdevError::Size { name: name.to_owned(), size_bytes, block_size })?;
+        let ram = Arc::new(Ram::map(name, len)?);
+        let geo = Geometry {
+            block_size,
+            block_count,
+            max_transfer_bytes: MAX_TRANSFER_BYTES.max(block_size),
+            optimal_boundary_bytes: 0,
+            buf_align_bytes: 1,
+            max_segments: MAX_SEGMENTS,
+        };
+        let feat = Features { flush: false, write_zeroes: true, deallocate: true, fua: true, volatile_write_cache: false };
+        tracing::debug!(name, size_bytes, block_size, "malloc bdev created");
+        Ok(Arc::new(MallocBdev { name: name.to_owned(), geo, feat, ram }))
+    }
+}
+
+impl BlockDev for MallocBdev {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn product_name(&self) -> &'static str {
+        PRODUCT_NAME
+    }
+    fn geometry(&self) -> Geometry {
+        self.geo
+    }
+    fn features(&self) -> Features {
+        self.feat
+    }
+    fn open_channel(&self, opts: ChannelOpts) -> Result<Box<dyn IoChannel>, BdevError> {
+        if opts.queue_depth == 0 || opts.queue_depth > MAX_QUEUE_DEPTH {
+            return Err(BdevError::Channel {
+                name: self.name.clone(),
+                reason: format!("queue depth {} is not in 1..={MAX_QUEUE_DEPTH}", opts.queue_depth),
+            });
+        }
+        Ok(Box::new(MallocChannel {
+            base: self.ram.base,
+            ram: Arc::clone(&self.ram),
+            geo: self.geo,
+            feat: self.feat,
+            depth: opts.queue_depth as usize,
+            done: Vec::with_capacity(opts.queue_depth as usize),
+        }))
+    }
+}
+
+struct MallocChannel {
+    base: NonNull<u8>,
+    /// Keeps the mapping alive while this channel exists.
+    #[allow(dead_code)]
+    ram: Arc<Ram>,
+    geo: Geometry,
+    feat: Features,
+    depth: usize,
+    /// Descriptors whose copy is done, waiting for the next poll. Capacity `depth`, never grows.
+    #[allow(clippy::vec_box)] // descriptors are the caller's pooled boxes: moved in and out, never re-boxed
+    done: Vec<Box<IoDesc>>,
+}
+
+// SAFETY: `base` points into `ram`, which this channel keeps alive; the channel is used by one thread at a time
+// (the IoChannel contract), and the RAM's sharing rule is in the module doc.
+unsafe impl Send for MallocChannel {}
+
+impl IoChannel for MallocChannel {
+    #[inline]
+    fn submit(&mut self, mut io: Box<IoDesc>) -> Result<(), Rejected> {
+        if self.done.len() >= self.depth {
+            return Err(Rejected { io, why: SubmitError::Busy });
+        }
+        if let Err(e) = validate(&self.geo, &self.feat, &io) {
+            return Err(Rejected { io, why: SubmitError::Invalid(e) });
+        }
+        // validate() proved offset+num_blocks <= block_count, so both byte numbers are inside the mapping (whose
+        // length block_count * block_size fits usize, checked at creation).
+        let bs = self.geo.block_size as usize;
+        let off = io.offset_blocks as usize * bs;
+        let len = io.num_blocks as usize * bs;
+        match io.op {
+            // SAFETY: `off..off+len` is inside the RAM (above); the segments add up to `len` (validate) and are the
+            // channel's until completion (the descriptor is in our hands).
+            IoOp::Read => unsafe { io.copy_in(self.base.as_ptr().add(off)) },
+            // SAFETY: as for Read, copying the other way.
+            IoOp::Write => unsafe { io.copy_out(self.base.as_ptr().add(off)) },
+            // SAFETY: `off..off+len` is inside the RAM (above).
+            IoOp::WriteZeroes | IoOp::Deallocate => unsafe { std::ptr::write_bytes(self.base.as_ptr().add(off), 0, len) },
+            IoOp::Flush => {}
+        }
+        io.status = IoStatus::Success;
+        self.done.push(io);
+        Ok(())
+    }
+
+    #[inline]
+    fn poll(&mut self, out: &mut Vec<Box<IoDesc>>) -> usize {
+        let n = self.done.len();
+        if n == 0 {
+            return 0;
+        }
+        let room = out.capacity() - out.len();
+        if n <= room {
+            out.append(&mut self.done);
+            n
+        } else {
+            out.extend(self.done.drain(..room));
+            room
+        }
+    }
+
+    fn outstanding(&self) -> usize {
+        self.done.len()
+    }
+
+    fn queue_depth(&self) -> u32 {
+        // Fits: checked against MAX_QUEUE_DEPTH at open.
+        self.depth as u32
+    }
+}
