@@ -1,5 +1,14 @@
 //! The polled NVMe driver: registers, queues, bring-up, admin and I/O over a [`Transport`].
+//!
+//! Files, one concern each: [`spec`] wire structs, [`regs`] MMIO, [`status`] completion status, [`prp`] data
+//! pointers, [`qpair`] rings and command tables, [`ctrlr`] bring-up and admin, [`ns`] namespaces and command
+//! builders, [`transport`] the seam, [`sim`] the simulated controller.
 
+pub mod prp;
+pub mod regs;
+pub mod spec;
+pub mod status;
 pub mod transport;
 
+pub use status::NvmeStatus;
 pub use transport::Transport;
