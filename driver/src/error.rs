@@ -5,6 +5,62 @@ use std::io;
 /// Every failure the driver layer reports. Each variant names the step that failed and carries what identifies it.
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
+    /// An NVMe controller's register read returned all ones: the device is gone (surprise removal, PCIe error).
+    #[error("NVMe {ctrlr}: the device is gone (registers read all ones) during {step}")]
+    NvmeGone {
+        /// Controller name (PCI address or simulator name).
+        ctrlr: String,
+        /// What was being done.
+        step: &'static str,
+    },
+    /// The NVMe controller reports fatal status (CSTS.CFS).
+    #[error("NVMe {ctrlr}: controller fatal status (CSTS.CFS) during {step}; the controller needs a reset")]
+    NvmeFatal {
+        /// Controller name.
+        ctrlr: String,
+        /// What was being done.
+        step: &'static str,
+    },
+    /// An NVMe wait passed its deadline (CAP.TO for ready, the admin timeout for commands).
+    #[error("NVMe {ctrlr}: {step} did not finish within {timeout_ms} ms")]
+    NvmeTimeout {
+        /// Controller name.
+        ctrlr: String,
+        /// What was waited for.
+        step: &'static str,
+        /// The deadline.
+        timeout_ms: u64,
+    },
+    /// An NVMe admin command completed with an error status.
+    #[error("NVMe {ctrlr}: {command} failed: {status}")]
+    NvmeCommand {
+        /// Controller name.
+        ctrlr: String,
+        /// The command.
+        command: &'static str,
+        /// The completion status.
+        status: crate::nvme::NvmeStatus,
+    },
+    /// The NVMe controller or a namespace is outside what nvstack supports, or reported inconsistent data.
+    #[error("NVMe {ctrlr}: {what}: {reason}")]
+    NvmeUnsupported {
+        /// Controller name.
+        ctrlr: String,
+        /// What was examined.
+        what: String,
+        /// Why it is refused.
+        reason: String,
+    },
+    /// The NVMe controller has no more of a resource (I/O queue IDs).
+    #[error("NVMe {ctrlr}: out of {what}; {hint}")]
+    NvmeResources {
+        /// Controller name.
+        ctrlr: String,
+        /// The resource.
+        what: &'static str,
+        /// What to do about it.
+        hint: &'static str,
+    },
     /// Reserving the arena's memory with `mmap` failed.
     #[error("arena: mapping {size_bytes} bytes of {kind} memory failed")]
     ArenaMap {
