@@ -14,6 +14,7 @@ pub mod reactor;
 pub mod null;
 pub mod malloc;
 pub mod spec;
+pub mod contract;
 
 pub use bdev::{BlockDev, Features, Geometry, IoChannel, IoDesc, IoError, IoFlags, IoOp, IoStatus, Seg, SubmitError};
 pub use error::BdevError;
