@@ -9,5 +9,6 @@
 pub mod dma;
 pub mod error;
 pub mod nvme;
+pub mod vfio;
 
 pub use error::DriverError;
