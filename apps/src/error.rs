@@ -32,7 +32,7 @@ impl AppError {
         match self {
             AppError::Usage(_) | AppError::Logging(_) => 2,
             AppError::Bdev(BdevError::Spec { .. } | BdevError::Size { .. } | BdevError::CoreMask { .. }) => 2,
-            AppError::Bdev(BdevError::FileOpen { .. }) => 2,
+            AppError::Bdev(BdevError::FileOpen { .. } | BdevError::BlockSize { .. }) => 2,
             _ => 1,
         }
     }
