@@ -61,12 +61,18 @@ pub struct Dptr {
 }
 
 /// The bytes `[offset, offset + len)` of a list of segments, as pieces. Clone to walk again.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Window<'a, S: DmaSeg> {
     segs: &'a [S],
     index: usize,
     skip: u64,
     remaining: u64,
+}
+
+impl<S: DmaSeg> Clone for Window<'_, S> {
+    fn clone(&self) -> Self {
+        Window { segs: self.segs, index: self.index, skip: self.skip, remaining: self.remaining }
+    }
 }
 
 impl<'a, S: DmaSeg> Window<'a, S> {
