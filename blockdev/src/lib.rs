@@ -13,6 +13,7 @@ pub mod error;
 pub mod reactor;
 pub mod null;
 pub mod malloc;
+pub mod file;
 pub mod spec;
 pub mod contract;
 

@@ -203,8 +203,8 @@ fn open_file(spec: &str, s: &Spec, arena: &Arc<Arena>) -> Result<Arc<dyn BlockDe
     let name = s.name.clone().unwrap_or_else(|| {
         std::path::Path::new(path).file_name().map_or_else(|| path.to_owned(), |n| n.to_string_lossy().into_owned())
     });
-    let _ = (name, size_bytes, arena);
-    Err(spec_err(spec, "file: the io_uring backend is not built yet in this revision"))
+    let cfg = crate::file::FileConfig { path: path.into(), size_bytes, block_size: s.block_size };
+    Ok(crate::file::FileBdev::open(&name, &cfg, arena)?)
 }
 
 #[cfg(test)]

@@ -50,3 +50,57 @@ fn malloc_tiny_device() {
     let r = run("malloc:2K", &ContractOpts { queue_depth: 4, ..Default::default() });
     assert!(!r.skipped.is_empty());
 }
+
+/// A directory for file-backed devices, removed at the end.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(parent: &str, tag: &str) -> Option<TempDir> {
+        let p = std::path::Path::new(parent).join(format!("nvstack-contract-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&p).ok()?;
+        Some(TempDir(p))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn run_file(parent: &str, tag: &str, size: &str, opts_suffix: &str) -> Option<ContractReport> {
+    let Some(dir) = TempDir::new(parent, tag) else {
+        eprintln!("skipping file contract in {parent}: cannot create a directory there");
+        return None;
+    };
+    let a = arena();
+    let n = std::sync::atomic::AtomicU32::new(0);
+    let make = || -> Result<Arc<dyn BlockDev>, String> {
+        let i = n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let spec = format!("file:{}/d{i}.img:{size}{opts_suffix}", dir.0.display());
+        open_bdev(&spec, &a).map_err(|e| format!("{spec}: {e}"))
+    };
+    match contract::run_all(&make, &a, &ContractOpts::default()) {
+        Ok(r) => {
+            assert_eq!(r.passed.len(), contract::check_names().len(), "{r:?}");
+            Some(r)
+        }
+        Err(e) => panic!("file in {parent}: contract failures:\n{e}"),
+    }
+}
+
+#[test]
+fn file_tmpfs() {
+    run_file("/dev/shm", "shm", "16M", "");
+}
+
+#[test]
+fn file_tmpfs_4k() {
+    run_file("/dev/shm", "shm4k", "16M", ",bs=4096");
+}
+
+#[test]
+fn file_disk_direct() {
+    // /var/tmp is usually on a disk file system that takes O_DIRECT (alignment errors are then real).
+    run_file("/var/tmp", "disk", "16M", "");
+}
