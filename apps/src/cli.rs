@@ -43,4 +43,8 @@ pub enum Command {
     Identify(crate::identify::IdentifyArgs),
     /// Reserve hugepages and bind NVMe functions to vfio-pci (as SPDK's setup.sh).
     Setup(crate::setup::SetupArgs),
+    /// Run the appliance: NBD exports, JSON-RPC control, SPDK JSON config.
+    Serve(crate::serve::ServeArgs),
+    /// Send one JSON-RPC request to a running `nvstack serve` (as SPDK's rpc.py).
+    Rpc(crate::rpc_client::RpcArgs),
 }

@@ -21,6 +21,23 @@ pub enum AppError {
     /// Writing output failed.
     #[error("writing output")]
     Output(#[source] std::io::Error),
+    /// Binding or accepting on a socket failed.
+    #[error("listening on {what}")]
+    Listen {
+        /// The address or path.
+        what: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A configuration file is unusable: exit status 2.
+    #[error("config {path}: {reason}")]
+    Config {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// A run finished but found problems (verify mismatches, I/O errors).
     #[error("{0}")]
     Failed(String),
@@ -30,7 +47,7 @@ impl AppError {
     /// The process exit status: 2 for bad input, 1 for everything else.
     pub fn exit_code(&self) -> u8 {
         match self {
-            AppError::Usage(_) | AppError::Logging(_) => 2,
+            AppError::Usage(_) | AppError::Logging(_) | AppError::Config { .. } => 2,
             AppError::Bdev(BdevError::Spec { .. } | BdevError::Size { .. } | BdevError::CoreMask { .. }) => 2,
             AppError::Bdev(BdevError::FileOpen { .. } | BdevError::BlockSize { .. }) => 2,
             _ => 1,

@@ -7,6 +7,8 @@ mod error;
 mod identify;
 mod logging;
 mod perf;
+mod rpc_client;
+mod serve;
 mod setup;
 
 use std::process::ExitCode;
@@ -30,6 +32,8 @@ fn main() -> ExitCode {
         cli::Command::Perf(args) => perf::run(args, &cli.global),
         cli::Command::Identify(args) => identify::run(args, &cli.global),
         cli::Command::Setup(args) => setup::run(args, &cli.global),
+        cli::Command::Serve(args) => serve::run(args, &cli.global),
+        cli::Command::Rpc(args) => rpc_client::run(args, &cli.global),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,342 @@
+//! The NBD server: an acceptor thread hands sockets round-robin to one poller per reactor; each reactor's poller
+//! owns its connections and one channel per exported bdev, and routes completions back to connections.
+//!
+//! Why one poller per reactor rather than one per connection: a bdev gives a reactor one channel (for NVMe, one
+//! queue pair), shared by every connection on that reactor; the channel's completions come back mixed, and the
+//! reactor's poller routes them by the connection index carried in each descriptor. No lock is taken on the way.
+
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_queue::ArrayQueue;
+use nvstack_blockdev::bdev::ChannelOpts;
+use nvstack_blockdev::reactor::{PollOutcome, Poller, ReactorCtx, Reactors};
+use nvstack_blockdev::{IoChannel, IoDesc};
+use nvstack_driver::dma::{Arena, BufPool};
+
+use super::conn::{Conn, ConnRes, HandshakeStep, Stream, BUFS_PER_CONN, CHUNK_BYTES};
+use crate::error::AppError;
+use crate::serve::registry::Registry;
+
+/// Where and how to listen.
+#[derive(Debug, Clone)]
+pub struct NbdConfig {
+    /// TCP address (None: no TCP).
+    pub tcp: Option<SocketAddr>,
+    /// Unix socket path (None: none).
+    pub unix: Option<PathBuf>,
+    /// Most connections at once (each holds `BUFS_PER_CONN` × `CHUNK_BYTES` of the arena).
+    pub max_connections: usize,
+}
+
+impl NbdConfig {
+    /// Arena bytes the server carves at start.
+    pub fn arena_bytes(&self) -> u64 {
+        (self.max_connections as u64) * u64::from(BUFS_PER_CONN) * u64::from(CHUNK_BYTES) + u64::from(CHUNK_BYTES) + (4 << 20)
+    }
+}
+
+/// A running NBD server.
+#[derive(Debug)]
+pub struct NbdServer {
+    stop: Arc<AtomicBool>,
+    acceptor: Option<JoinHandle<()>>,
+    /// The TCP address bound (with the real port when 0 was asked).
+    pub tcp_addr: Option<SocketAddr>,
+    /// The Unix socket path.
+    pub unix_path: Option<PathBuf>,
+}
+
+impl NbdServer {
+    /// Stop accepting (connections are drained by the reactors' stop).
+    pub fn stop_accepting(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.acceptor.take() {
+            let _ = t.join();
+        }
+        if let Some(p) = &self.unix_path {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+impl Drop for NbdServer {
+    fn drop(&mut self) {
+        self.stop_accepting();
+    }
+}
+
+/// Bind the listeners, carve connection resources, put a poller on every reactor and start accepting.
+///
+/// # Errors
+/// [`AppError::Listen`] when a socket cannot be bound, [`AppError::Driver`] when the arena is too small.
+pub fn start(cfg: &NbdConfig, arena: &Arc<Arena>, reactors: &Reactors, registry: Arc<Registry>) -> Result<NbdServer, AppError> {
+    let tcp = match cfg.tcp {
+        Some(a) => Some(TcpListener::bind(a).map_err(|source| AppError::Listen { what: a.to_string(), source })?),
+        None => None,
+    };
+    let unix = match &cfg.unix {
+        Some(p) => {
+            if p.exists() {
+                // A stale socket from a killed run: only remove a socket, never another file.
+                use std::os::unix::fs::FileTypeExt;
+                if std::fs::symlink_metadata(p).map(|m| m.file_type().is_socket()).unwrap_or(false) {
+                    let _ = std::fs::remove_file(p);
+                }
+            }
+            Some(UnixListener::bind(p).map_err(|source| AppError::Listen { what: p.display().to_string(), source })?)
+        }
+        None => None,
+    };
+    let zero = Arc::new(arena.carve(u64::from(CHUNK_BYTES), 4096, "nbd zero chunk")?);
+    zero.zero(0, u64::from(CHUNK_BYTES));
+    let free = Arc::new(ArrayQueue::new(cfg.max_connections.max(1)));
+    for _ in 0..cfg.max_connections.max(1) {
+        let pool = BufPool::new(arena, CHUNK_BYTES, BUFS_PER_CONN, 4096, "nbd connection buffers")?;
+        let _ = free.push(ConnRes { pool, zero: Arc::clone(&zero) });
+    }
+    let n = reactors.count();
+    let mut inboxes = Vec::with_capacity(n);
+    for i in 0..n {
+        let inbox = Arc::new(ArrayQueue::new(cfg.max_connections.max(1)));
+        inboxes.push(Arc::clone(&inbox));
+        let p = ReactorPoller {
+            inbox,
+            free: Arc::clone(&free),
+            registry: Arc::clone(&registry),
+            conns: Vec::with_capacity(cfg.max_connections),
+            chans: Vec::with_capacity(8),
+            done: Vec::with_capacity(256),
+        };
+        reactors.add_poller(i, Box::new(p), Duration::from_secs(5))?;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let tcp_addr = tcp.as_ref().and_then(|l| l.local_addr().ok());
+    let acc = Acceptor { tcp, unix, inboxes, free, stop: Arc::clone(&stop), next: 0 };
+    let acceptor = std::thread::Builder::new()
+        .name("nbd-accept".into())
+        .spawn(move || acc.run())
+        .map_err(|source| AppError::Listen { what: "acceptor thread".into(), source })?;
+    Ok(NbdServer { stop, acceptor: Some(acceptor), tcp_addr, unix_path: cfg.unix.clone() })
+}
+
+struct Acceptor {
+    tcp: Option<TcpListener>,
+    unix: Option<UnixListener>,
+    inboxes: Vec<Arc<ArrayQueue<(Stream, ConnRes)>>>,
+    free: Arc<ArrayQueue<ConnRes>>,
+    stop: Arc<AtomicBool>,
+    next: usize,
+}
+
+impl Acceptor {
+    fn run(mut self) {
+        if let Some(l) = &self.tcp {
+            let _ = l.set_nonblocking(true);
+        }
+        if let Some(l) = &self.unix {
+            let _ = l.set_nonblocking(true);
+        }
+        while !self.stop.load(Ordering::Acquire) {
+            let mut fds = Vec::with_capacity(2);
+            if let Some(l) = &self.tcp {
+                fds.push(libc::pollfd { fd: l.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+            }
+            if let Some(l) = &self.unix {
+                fds.push(libc::pollfd { fd: l.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+            }
+            // SAFETY: fds is a valid array of pollfd of the given length; 100 ms deadline.
+            let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
+            if r <= 0 {
+                continue;
+            }
+            loop {
+                let s = match self.tcp.as_ref().map(|l| l.accept()) {
+                    Some(Ok((s, _))) => {
+                        let _ = s.set_nodelay(true);
+                        Some(Stream::Tcp(s))
+                    }
+                    _ => None,
+                };
+                let s = s.or_else(|| match self.unix.as_ref().map(|l| l.accept()) {
+                    Some(Ok((s, _))) => Some(Stream::Unix(s)),
+                    _ => None,
+                });
+                let Some(s) = s else { break };
+                self.hand_off(s);
+            }
+        }
+    }
+
+    fn hand_off(&mut self, s: Stream) {
+        let ok = match &s {
+            Stream::Tcp(t) => t.set_nonblocking(true).is_ok(),
+            Stream::Unix(u) => u.set_nonblocking(true).is_ok(),
+        };
+        if !ok {
+            return;
+        }
+        let Some(res) = self.free.pop() else {
+            tracing::warn!("nbd: connection limit reached; refusing a connection (raise --max-connections)");
+            return;
+        };
+        let mut item = (s, res);
+        for k in 0..self.inboxes.len() {
+            let i = (self.next + k) % self.inboxes.len();
+            match self.inboxes[i].push(item) {
+                Ok(()) => {
+                    self.next = i + 1;
+                    return;
+                }
+                Err(back) => item = back,
+            }
+        }
+        let _ = self.free.push(item.1);
+    }
+}
+
+struct ChanEntry {
+    bdev_id: u64,
+    ch: Box<dyn IoChannel>,
+    users: usize,
+}
+
+struct ReactorPoller {
+    inbox: Arc<ArrayQueue<(Stream, ConnRes)>>,
+    free: Arc<ArrayQueue<ConnRes>>,
+    registry: Arc<Registry>,
+    conns: Vec<Option<Conn>>,
+    chans: Vec<Option<ChanEntry>>,
+    done: Vec<Box<IoDesc>>,
+}
+
+/// Queue depth of a reactor's channel to one bdev.
+const CHANNEL_QUEUE_DEPTH: u32 = 1024;
+
+impl ReactorPoller {
+    fn channel_for(&mut self, ctx: &ReactorCtx, bdev_id: u64) -> Option<usize> {
+        if let Some(i) = self.chans.iter().position(|c| c.as_ref().is_some_and(|c| c.bdev_id == bdev_id)) {
+            if let Some(c) = self.chans[i].as_mut() {
+                c.users += 1;
+            }
+            return Some(i);
+        }
+        let entry = self.registry.bdevs().into_iter().find(|b| b.id == bdev_id)?;
+        let ch = match entry.bdev.open_channel(ChannelOpts { reactor_index: ctx.index(), queue_depth: CHANNEL_QUEUE_DEPTH }) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(bdev = entry.bdev.name(), error = %e, "nbd: opening a channel failed");
+                return None;
+            }
+        };
+        let e = ChanEntry { bdev_id, ch, users: 1 };
+        if let Some(i) = self.chans.iter().position(Option::is_none) {
+            self.chans[i] = Some(e);
+            Some(i)
+        } else {
+            self.chans.push(Some(e));
+            Some(self.chans.len() - 1)
+        }
+    }
+}
+
+impl Poller for ReactorPoller {
+    fn poll(&mut self, ctx: &mut ReactorCtx) -> PollOutcome {
+        let mut busy = false;
+        let stopping = ctx.stopping();
+        while let Some((s, res)) = self.inbox.pop() {
+            let idx = self.conns.iter().position(Option::is_none).unwrap_or(self.conns.len());
+            let c = Conn::new(s, res, idx);
+            if idx == self.conns.len() {
+                self.conns.push(Some(c));
+            } else {
+                self.conns[idx] = Some(c);
+            }
+            busy = true;
+        }
+        // Completions, routed by connection index.
+        for ce in self.chans.iter_mut().flatten() {
+            loop {
+                let n = ce.ch.poll(&mut self.done);
+                for io in self.done.drain(..) {
+                    if let Some(Some(c)) = self.conns.get_mut(io.ctx as usize) {
+                        c.complete(io, ce.ch.as_mut());
+                    }
+                }
+                if n == 0 {
+                    break;
+                }
+                busy = true;
+            }
+        }
+        for i in 0..self.conns.len() {
+            let Some(c) = self.conns[i].as_mut() else { continue };
+            if c.in_handshake() {
+                let (b, step) = c.poll_handshake(&self.registry);
+                busy |= b;
+                if let HandshakeStep::Attach(n) = step {
+                    let export = self.registry.export_by_id(n.export.id);
+                    match export {
+                        Some(x) => {
+                            let bdev_id = x.bdev.id;
+                            match self.channel_for(ctx, bdev_id) {
+                                Some(ch) => {
+                                    if let Some(c) = self.conns[i].as_mut() {
+                                        c.attach(n, x, ch);
+                                    }
+                                }
+                                None => {
+                                    self.conns[i] = None;
+                                    continue;
+                                }
+                            }
+                        }
+                        None => {
+                            self.conns[i] = None;
+                            continue;
+                        }
+                    }
+                }
+            }
+            let Some(c) = self.conns[i].as_mut() else { continue };
+            if c.transmitting() || (!c.in_handshake() && c.chan != usize::MAX) {
+                if let Some(Some(ce)) = self.chans.get_mut(c.chan) {
+                    busy |= c.poll_io(ce.ch.as_mut(), stopping);
+                }
+            }
+            if c.finished() {
+                let chan = c.chan;
+                if let Some(res) = c.take_res() {
+                    let _ = self.free.push(res);
+                }
+                self.conns[i] = None;
+                if let Some(slot) = self.chans.get_mut(chan) {
+                    if let Some(ce) = slot.as_mut() {
+                        ce.users -= 1;
+                        if ce.users == 0 && ce.ch.outstanding() == 0 {
+                            *slot = None;
+                        }
+                    }
+                }
+                busy = true;
+            }
+        }
+        while matches!(self.conns.last(), Some(None)) {
+            self.conns.pop();
+        }
+        if stopping && self.conns.is_empty() && self.inbox.is_empty() {
+            return PollOutcome::Done;
+        }
+        if busy {
+            PollOutcome::Busy
+        } else {
+            PollOutcome::Idle
+        }
+    }
+}
