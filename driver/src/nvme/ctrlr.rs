@@ -520,7 +520,7 @@ impl Controller {
             }
             admin.ring.ring_cq(&*self.t);
             checks += 1;
-            if got.is_none() && checks % 64 == 0 {
+            if got.is_none() && checks.is_multiple_of(64) {
                 let s = Regs(&*self.t).csts();
                 if s.is_all_ones() {
                     return Err(self.gone(command));
@@ -611,6 +611,10 @@ impl Controller {
 
     fn arm_aers(&self, admin: &mut Admin) {
         while admin.aer_cids.len() < usize::from(self.aer_target) {
+            // Always leave one admin command id for ordinary admin commands.
+            if admin.busy.iter().filter(|b| !**b).count() < 2 {
+                break;
+            }
             let Some(cid) = admin.busy.iter().position(|b| !b) else { return };
             let e = SubmissionEntry { opc: admin_opc::ASYNC_EVENT, cid: cid as u16, ..Default::default() };
             if !admin.ring.push(&e) {

@@ -9,6 +9,7 @@ pub mod ns;
 pub mod prp;
 pub mod qpair;
 pub mod regs;
+pub mod sim;
 pub mod spec;
 pub mod status;
 pub mod transport;

@@ -24,7 +24,7 @@ use crate::DriverError;
 /// a reference). `None` when out of bounds or misaligned.
 pub fn read_pod<T: Pod>(region: &DmaRegion, offset: u64) -> Option<T> {
     let (p, _) = region.slice(offset, std::mem::size_of::<T>() as u64)?;
-    if (p.as_ptr() as usize) % std::mem::align_of::<T>() != 0 {
+    if !(p.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>()) {
         return None;
     }
     // SAFETY: in bounds (slice checked) and aligned (checked); T is Pod so every byte pattern is valid; volatile
@@ -35,7 +35,7 @@ pub fn read_pod<T: Pod>(region: &DmaRegion, offset: u64) -> Option<T> {
 /// Copy a wire struct into DMA memory at `offset` (volatile store). `None` when out of bounds or misaligned.
 pub fn write_pod<T: Pod>(region: &DmaRegion, offset: u64, value: &T) -> Option<()> {
     let (p, _) = region.slice(offset, std::mem::size_of::<T>() as u64)?;
-    if (p.as_ptr() as usize) % std::mem::align_of::<T>() != 0 {
+    if !(p.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>()) {
         return None;
     }
     // SAFETY: in bounds and aligned (checked above); the region is ours to write (no device reads it concurrently

@@ -491,3 +491,5 @@ unsafe impl Pod for DsmRange {}
 unsafe impl Pod for SglDescriptor {}
 // SAFETY: as above.
 unsafe impl Pod for LbaFormat {}
+// SAFETY: an integer: every bit pattern is valid.
+unsafe impl Pod for u64 {}
