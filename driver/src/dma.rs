@@ -328,7 +328,7 @@ impl DmaRegion {
 
     /// Volatile 64-bit load at `offset` (8-byte aligned).
     pub fn read_u64(&self, offset: u64) -> Option<u64> {
-        if offset % 8 != 0 {
+        if !offset.is_multiple_of(8) {
             return None;
         }
         let (p, _) = self.slice(offset, 8)?;
@@ -338,7 +338,7 @@ impl DmaRegion {
 
     /// Volatile 64-bit store at `offset` (8-byte aligned).
     pub fn write_u64(&self, offset: u64, value: u64) -> Option<()> {
-        if offset % 8 != 0 {
+        if !offset.is_multiple_of(8) {
             return None;
         }
         let (p, _) = self.slice(offset, 8)?;
@@ -440,7 +440,7 @@ impl DmaBuf {
     /// Volatile 64-bit load at byte `offset` (8-aligned).
     #[inline]
     pub fn read_u64(&self, offset: usize) -> Option<u64> {
-        if offset % 8 != 0 || offset.checked_add(8)? > self.len as usize {
+        if !offset.is_multiple_of(8) || offset.checked_add(8)? > self.len as usize {
             return None;
         }
         // SAFETY: in bounds and aligned (pool buffers are at least 64-aligned).
@@ -450,7 +450,7 @@ impl DmaBuf {
     /// Volatile 64-bit store at byte `offset` (8-aligned).
     #[inline]
     pub fn write_u64(&mut self, offset: usize, value: u64) -> Option<()> {
-        if offset % 8 != 0 || offset.checked_add(8)? > self.len as usize {
+        if !offset.is_multiple_of(8) || offset.checked_add(8)? > self.len as usize {
             return None;
         }
         // SAFETY: in bounds and aligned, as for read_u64.

@@ -61,6 +61,34 @@ pub enum DriverError {
         /// What to do about it.
         hint: &'static str,
     },
+    /// Installing a signal handler or sending a signal failed.
+    #[error("signal: {step} failed")]
+    Signal {
+        /// The call that failed.
+        step: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Opening or sizing a pmem device or file failed.
+    #[error("pmem {path}: {step} failed")]
+    PmemOpen {
+        /// The device or file.
+        path: String,
+        /// What was being done (open, stat, read size).
+        step: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// A pmem device or file that cannot be used as given.
+    #[error("pmem {path}: {reason}")]
+    PmemInvalid {
+        /// The device or file.
+        path: String,
+        /// What is wrong and what to do.
+        reason: String,
+    },
     /// Reserving the arena's memory with `mmap` failed.
     #[error("arena: mapping {size_bytes} bytes of {kind} memory failed")]
     ArenaMap {

@@ -9,6 +9,7 @@
 pub mod dma;
 pub mod error;
 pub mod nvme;
+pub mod pmem;
 pub mod vfio;
 
 pub use error::DriverError;
