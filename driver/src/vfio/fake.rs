@@ -252,17 +252,6 @@ fn step(root: &Path, hp: &mut HpState) {
             }
         }
     }
-    // driver_override: the kernel shows an empty override as "(null)".
-    if let Ok(rd) = std::fs::read_dir(root.join("sys/bus/pci/devices")) {
-        for ent in rd.flatten() {
-            let p = ent.path().join("driver_override");
-            if let Ok(s) = std::fs::read_to_string(&p) {
-                if s.trim().is_empty() {
-                    let _ = std::fs::write(&p, "(null)\n");
-                }
-            }
-        }
-    }
     hugepages(root, hp);
 }
 

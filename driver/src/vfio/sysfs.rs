@@ -184,7 +184,9 @@ impl Sysfs {
     /// [`DriverError::Sysfs`] when it cannot be opened or written.
     pub fn write_attr(&self, path: &Path, value: &str) -> Result<(), DriverError> {
         use std::io::Write;
-        let mut f = std::fs::OpenOptions::new().write(true).open(path).map_err(|e| io_err("writing", path, e))?;
+        // O_TRUNC as a shell's `>` does: sysfs ignores it, a regular file (a fake tree) needs it.
+        let mut f =
+            std::fs::OpenOptions::new().write(true).truncate(true).open(path).map_err(|e| io_err("writing", path, e))?;
         // One write call: sysfs stores take the whole buffer at once.
         f.write_all(value.as_bytes()).map_err(|e| io_err("writing", path, e))?;
         tracing::debug!(path = %path.display(), value, "sysfs write");
