@@ -87,6 +87,15 @@ pub enum BdevError {
         #[source]
         source: nvstack_driver::DriverError,
     },
+    /// Mapping a pmem device or file failed.
+    #[error("bdev {name}: opening persistent memory failed")]
+    Pmem {
+        /// Device name.
+        name: String,
+        /// The driver's error.
+        #[source]
+        source: nvstack_driver::DriverError,
+    },
     /// Mapping or populating a RAM-backed device's memory failed.
     #[error("bdev {name}: reserving {size_bytes} bytes of RAM failed")]
     RamMap {

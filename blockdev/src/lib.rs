@@ -14,6 +14,7 @@ pub mod reactor;
 pub mod null;
 pub mod malloc;
 pub mod file;
+pub mod pmem;
 pub mod spec;
 pub mod contract;
 

@@ -7,6 +7,7 @@
 //! null:SIZE                 a device that completes at once and moves no data    ("Null disk", Null0, Null1...)
 //! malloc:SIZE               a RAM disk                                           ("Malloc disk", Malloc0...)
 //! file:PATH[:SIZE]          a file or block device through io_uring              ("URING bdev", named by the file)
+//! pmem:PATH[:SIZE]          persistent memory: /dev/daxX.Y, an fsdax file, a file ("pmem disk", named by the file)
 //!
 //! options (any order, each at most once):
 //!   bs=N      logical block size: a power of two in 512..=65536 (sizes such as 4K are taken).
@@ -31,7 +32,7 @@ use nvstack_driver::dma::Arena;
 use crate::{BdevError, BlockDev};
 
 /// Kinds this build knows, for error messages.
-pub const KNOWN_KINDS: &[&str] = &["null", "malloc", "file"];
+pub const KNOWN_KINDS: &[&str] = &["null", "malloc", "file", "pmem"];
 /// Options this build knows, for error messages.
 pub const KNOWN_OPTIONS: &[&str] = &["bs", "name"];
 /// Default logical block size.
@@ -183,10 +184,28 @@ pub fn open_bdev(spec: &str, arena: &Arc<Arena>) -> Result<Arc<dyn BlockDev>, Bd
         "file" => open_file(spec, &s, arena),
         // ---- Later kinds are dispatched here: ----
         // "nvme" => nvme::open(spec, &s, arena)   (PCI address or simulator; maps `arena` for DMA)
-        // "pmem" => pmem::open(spec, &s, arena)   (device-DAX, fsdax file)
+        "pmem" => open_pmem(spec, &s),
         // Add the kind to KNOWN_KINDS as well.
         other => Err(spec_err(spec, format!("unknown kind {other:?} (known: {})", KNOWN_KINDS.join(", ")))),
     }
+}
+
+fn open_pmem(spec: &str, s: &Spec) -> Result<Arc<dyn BlockDev>, BdevError> {
+    let (path, size_bytes) = match s.args.rsplit_once(':') {
+        Some((path, tail)) if !path.is_empty() => match parse_size(tail) {
+            Ok(size) => (path, Some(size)),
+            Err(_) => (s.args.as_str(), None),
+        },
+        _ => (s.args.as_str(), None),
+    };
+    if path.is_empty() {
+        return Err(spec_err(spec, "pmem: missing PATH (pmem:/dev/dax0.0, pmem:/mnt/pmem/file[:SIZE])"));
+    }
+    let p = std::path::Path::new(path);
+    let name = s.name.clone().unwrap_or_else(|| {
+        p.file_name().and_then(|n| n.to_str()).map(str::to_owned).unwrap_or_else(|| "pmem0".to_owned())
+    });
+    Ok(crate::pmem::PmemBdev::open(&name, p, size_bytes, s.block_size.unwrap_or(DEFAULT_BLOCK_SIZE))?)
 }
 
 fn open_file(spec: &str, s: &Spec, arena: &Arc<Arena>) -> Result<Arc<dyn BlockDev>, BdevError> {
