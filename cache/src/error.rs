@@ -1,0 +1,46 @@
+//! The cache crate's one error type.
+
+/// Failures of the state tree and the cache bdev.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// A configuration value is out of bounds.
+    #[error("cache configuration: {what} {reason}")]
+    Config {
+        /// Which setting.
+        what: &'static str,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// A byte range with its end before its start (or empty where a range is required).
+    #[error("bad byte range {start}..{end}")]
+    BadRange {
+        /// First byte.
+        start: u64,
+        /// One past the last byte.
+        end: u64,
+    },
+    /// The state tree's node pool cannot hold the result of an operation; nothing was changed.
+    #[error("state tree full: {needed} more ranges needed, {free} free of {capacity} (raise max_ranges)")]
+    TreeFull {
+        /// Pool size.
+        capacity: u32,
+        /// Nodes the operation needed.
+        needed: u32,
+        /// Nodes free.
+        free: u32,
+    },
+    /// The lock waiter pool is full.
+    #[error("state tree lock waiters full ({capacity}); retry after some unlocks")]
+    WaitersFull {
+        /// Pool size.
+        capacity: u32,
+    },
+    /// Unlock of a range that is not (entirely) locked.
+    #[error("unlock of {start}..{end}, which is not entirely locked")]
+    NotLocked {
+        /// First byte.
+        start: u64,
+        /// One past the last byte.
+        end: u64,
+    },
+}

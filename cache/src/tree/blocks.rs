@@ -1,0 +1,459 @@
+//! The ordered container under a state tree: a two-level sorted array ("blocked array", a B+tree of height two).
+//!
+//! - Ranges live in fixed-size blocks of [`CAP`] entries, stored column-wise (all starts together, all ends...), so
+//!   a search in a block touches a few cache lines of starts or ends. Blocks come from a pool reserved at start.
+//! - A top-level index holds, per block in order, its first start and its pool id, in two `Vec`s reserved at start
+//!   (`Vec::insert`/`remove` within capacity never allocate). A lookup is a binary search of the index (small
+//!   enough to stay in cache: 1 M ranges is about 8-16 K blocks) and one of the block.
+//! - A full block splits in two halves; after a removal a block merges with a neighbour when both fit in one; an
+//!   empty block returns to the pool. Positions ([`Pos`]) are valid until the next insert or remove.
+//!
+//! Why not a binary tree: with 1 M ranges a pointer-linked tree costs ~20-30 cache misses per lookup and one more
+//! descent per successor; this layout costs a handful, and walking to the next range is an index increment.
+
+/// Entries per block.
+pub(crate) const CAP: usize = 64;
+
+/// One range, as copied out of a block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Entry {
+    pub(crate) start: u64,
+    pub(crate) end: u64,
+    pub(crate) time: u32,
+    pub(crate) client: u16,
+    pub(crate) bits: u8,
+}
+
+/// Bytes one range slot takes in a block: start 8 + end 8 + time 4 + client 2 + bits 1.
+pub const SLOT_BYTES: usize = 8 + 8 + 4 + 2 + 1;
+
+#[derive(Clone, Copy)]
+struct Block {
+    start: [u64; CAP],
+    end: [u64; CAP],
+    time: [u32; CAP],
+    client: [u16; CAP],
+    bits: [u8; CAP],
+    len: u32,
+}
+
+// The slot size above is what a block really spends per entry (plus a 4-byte length per block).
+const _: () = assert!(std::mem::size_of::<Block>() <= SLOT_BYTES * CAP + 8);
+
+const EMPTY_BLOCK: Block =
+    Block { start: [0; CAP], end: [0; CAP], time: [0; CAP], client: [0; CAP], bits: [0; CAP], len: 0 };
+
+/// Blocks the pool holds per block's worth of configured ranges, as a ratio (3/2): room to split before the tree
+/// must compact.
+pub(crate) const POOL_SLACK_NUM: usize = 3;
+/// Denominator of the slack ratio.
+pub(crate) const POOL_SLACK_DEN: usize = 2;
+
+/// Bytes the pool reserves per configured range: 1.5 slots (compaction guarantees that `max_ranges` ranges fit in
+/// full blocks, the slack lets blocks split in between) plus the amortised block header, index entry and free-list
+/// entry, rounded up. [`super::StateTree::new`] sizes the pool this way.
+pub const POOL_BYTES_PER_RANGE: usize =
+    (POOL_SLACK_NUM * (SLOT_BYTES * CAP + 4 + 8 + 4 + 4)).div_ceil(POOL_SLACK_DEN * CAP) + 1;
+
+/// A position: index in the top-level array, slot in that block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Pos {
+    pub(crate) t: u32,
+    pub(crate) i: u32,
+}
+
+/// The blocked array.
+pub(crate) struct Blocks {
+    pool: Vec<Block>,
+    free: Vec<u32>,
+    keys: Vec<u64>,
+    ids: Vec<u32>,
+    entries: u32,
+    /// Entries per block actually used (`CAP`, or fewer to exercise splits and merges in tests).
+    cap: u32,
+}
+
+impl std::fmt::Debug for Blocks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Blocks").field("blocks", &self.keys.len()).field("entries", &self.entries).finish()
+    }
+}
+
+impl Blocks {
+    /// A pool of `blocks` blocks. Allocates once.
+    pub(crate) fn with_blocks(blocks: u32, cap: u32) -> Blocks {
+        let n = blocks.max(2) as usize;
+        let mut pool = Vec::with_capacity(n);
+        pool.resize(n, EMPTY_BLOCK);
+        let mut free = Vec::with_capacity(n);
+        free.extend((0..n as u32).rev());
+        let cap = cap.clamp(2, CAP as u32);
+        Blocks { pool, free, keys: Vec::with_capacity(n), ids: Vec::with_capacity(n), entries: 0, cap }
+    }
+
+    #[inline]
+    pub(crate) fn entries(&self) -> u32 {
+        self.entries
+    }
+    #[inline]
+    pub(crate) fn cap(&self) -> u32 {
+        self.cap
+    }
+    #[inline]
+    pub(crate) fn free_blocks(&self) -> u32 {
+        self.free.len() as u32
+    }
+    #[inline]
+    pub(crate) fn used_blocks(&self) -> u32 {
+        self.keys.len() as u32
+    }
+    #[inline]
+    fn blk(&self, t: u32) -> &Block {
+        &self.pool[self.ids[t as usize] as usize]
+    }
+    #[inline]
+    fn blk_mut(&mut self, t: u32) -> &mut Block {
+        let id = self.ids[t as usize] as usize;
+        &mut self.pool[id]
+    }
+    #[inline]
+    fn len_of(&self, t: u32) -> u32 {
+        self.blk(t).len
+    }
+
+    /// The entry at `p`.
+    #[inline]
+    pub(crate) fn get(&self, p: Pos) -> Entry {
+        let b = self.blk(p.t);
+        let i = p.i as usize;
+        Entry { start: b.start[i], end: b.end[i], time: b.time[i], client: b.client[i], bits: b.bits[i] }
+    }
+    #[inline]
+    pub(crate) fn start_of(&self, p: Pos) -> u64 {
+        self.blk(p.t).start[p.i as usize]
+    }
+    #[inline]
+    pub(crate) fn end_of(&self, p: Pos) -> u64 {
+        self.blk(p.t).end[p.i as usize]
+    }
+    #[inline]
+    pub(crate) fn bits_of(&self, p: Pos) -> u8 {
+        self.blk(p.t).bits[p.i as usize]
+    }
+    /// Move the end of the range at `p` (the caller keeps ranges sorted and disjoint).
+    #[inline]
+    pub(crate) fn set_end(&mut self, p: Pos, end: u64) {
+        self.blk_mut(p.t).end[p.i as usize] = end;
+    }
+    /// Change the state of the range at `p`.
+    #[inline]
+    pub(crate) fn set_state(&mut self, p: Pos, bits: u8, client: u16, time: u32) {
+        let i = p.i as usize;
+        let b = self.blk_mut(p.t);
+        b.bits[i] = bits;
+        b.client[i] = client;
+        b.time[i] = time;
+    }
+
+    /// The first range whose end is after `x`.
+    #[inline]
+    pub(crate) fn seek(&self, x: u64) -> Option<Pos> {
+        let n = self.keys.len();
+        if n == 0 {
+            return None;
+        }
+        let t = self.keys.partition_point(|&k| k <= x).saturating_sub(1);
+        let b = self.blk(t as u32);
+        let i = b.end[..b.len as usize].partition_point(|&e| e <= x);
+        if i < b.len as usize {
+            return Some(Pos { t: t as u32, i: i as u32 });
+        }
+        (t + 1 < n).then_some(Pos { t: t as u32 + 1, i: 0 })
+    }
+
+    /// The last position.
+    #[inline]
+    pub(crate) fn last(&self) -> Option<Pos> {
+        let n = self.keys.len() as u32;
+        (n > 0).then(|| Pos { t: n - 1, i: self.len_of(n - 1) - 1 })
+    }
+
+    /// The position after `p`.
+    #[inline]
+    pub(crate) fn next(&self, p: Pos) -> Option<Pos> {
+        if p.i + 1 < self.len_of(p.t) {
+            return Some(Pos { t: p.t, i: p.i + 1 });
+        }
+        ((p.t as usize) + 1 < self.keys.len()).then_some(Pos { t: p.t + 1, i: 0 })
+    }
+
+    /// The position before `p`.
+    #[inline]
+    pub(crate) fn prev(&self, p: Pos) -> Option<Pos> {
+        if p.i > 0 {
+            return Some(Pos { t: p.t, i: p.i - 1 });
+        }
+        if p.t == 0 {
+            return None;
+        }
+        Some(Pos { t: p.t - 1, i: self.len_of(p.t - 1) - 1 })
+    }
+
+    /// Where to insert so as to come right before `p` (or at the very end when `p` is `None`).
+    #[inline]
+    pub(crate) fn slot_before(&self, p: Option<Pos>) -> Pos {
+        match p {
+            Some(p) => p,
+            None => match self.keys.len() {
+                0 => Pos { t: 0, i: 0 },
+                n => Pos { t: n as u32 - 1, i: self.len_of(n as u32 - 1) },
+            },
+        }
+    }
+
+    /// The slot right after `p` (possibly one past the end of its block: a valid insertion point).
+    #[inline]
+    pub(crate) fn slot_after(p: Pos) -> Pos {
+        Pos { t: p.t, i: p.i + 1 }
+    }
+
+    /// Insert `e` at insertion point `at`. Returns where it landed, or `None` when a block split needed a free block
+    /// and there was none (the caller checks capacity first, so this does not happen in practice).
+    pub(crate) fn insert(&mut self, at: Pos, e: Entry) -> Option<Pos> {
+        if self.keys.is_empty() {
+            let id = self.free.pop()?;
+            self.keys.push(e.start);
+            self.ids.push(id);
+            let b = &mut self.pool[id as usize];
+            b.len = 0;
+        }
+        let mut p = at;
+        if self.len_of(p.t) == self.cap {
+            let id = self.free.pop()?;
+            self.pool[id as usize].len = 0;
+            if p.i == self.cap {
+                // Appending to a full block: start a new one after it (sequential fills leave full blocks).
+                self.keys.insert(p.t as usize + 1, e.start);
+                self.ids.insert(p.t as usize + 1, id);
+                p = Pos { t: p.t + 1, i: 0 };
+            } else if p.i == 0 {
+                // Prepending: a new block before it.
+                self.keys.insert(p.t as usize, e.start);
+                self.ids.insert(p.t as usize, id);
+            } else {
+                let full = self.cap as usize;
+                let half = full / 2;
+                let src = self.ids[p.t as usize];
+                self.move_front(id, src, half, full - half);
+                let key = self.pool[id as usize].start[0];
+                self.keys.insert(p.t as usize + 1, key);
+                self.ids.insert(p.t as usize + 1, id);
+                if p.i as usize > half {
+                    p = Pos { t: p.t + 1, i: p.i - half as u32 };
+                }
+            }
+        }
+        let i = p.i as usize;
+        let b = self.blk_mut(p.t);
+        let len = b.len as usize;
+        b.start.copy_within(i..len, i + 1);
+        b.end.copy_within(i..len, i + 1);
+        b.time.copy_within(i..len, i + 1);
+        b.client.copy_within(i..len, i + 1);
+        b.bits.copy_within(i..len, i + 1);
+        b.start[i] = e.start;
+        b.end[i] = e.end;
+        b.time[i] = e.time;
+        b.client[i] = e.client;
+        b.bits[i] = e.bits;
+        b.len += 1;
+        if i == 0 {
+            self.keys[p.t as usize] = e.start;
+        }
+        self.entries += 1;
+        Some(p)
+    }
+
+    /// Remove the entry at `p`. Blocks that became empty return to the pool; a block merges with a neighbour when
+    /// both fit in one. Returns whether blocks were restructured: if not, positions before `p` are still valid;
+    /// if so, every position is invalid.
+    pub(crate) fn remove(&mut self, p: Pos) -> bool {
+        let i = p.i as usize;
+        let b = self.blk_mut(p.t);
+        let len = b.len as usize;
+        b.start.copy_within(i + 1..len, i);
+        b.end.copy_within(i + 1..len, i);
+        b.time.copy_within(i + 1..len, i);
+        b.client.copy_within(i + 1..len, i);
+        b.bits.copy_within(i + 1..len, i);
+        b.len -= 1;
+        let new_len = b.len;
+        let first = b.start[0];
+        self.entries -= 1;
+        if new_len == 0 {
+            let id = self.ids.remove(p.t as usize);
+            self.keys.remove(p.t as usize);
+            self.free.push(id);
+            return true;
+        }
+        if i == 0 {
+            self.keys[p.t as usize] = first;
+        }
+        // Merge with a neighbour only when both fit in half a block: the hysteresis keeps a split and a merge from
+        // alternating on the same blocks (each moves the top-level index). Capacity does not depend on merging:
+        // `compact` repacks when blocks run out.
+        let limit = self.cap / 2;
+        if (p.t as usize) + 1 < self.keys.len() && new_len + self.len_of(p.t + 1) <= limit {
+            self.merge_with_next(p.t);
+            // Block t grew at its end: positions before p are unchanged.
+            return false;
+        }
+        if p.t > 0 && new_len + self.len_of(p.t - 1) <= limit {
+            self.merge_with_next(p.t - 1);
+            return true;
+        }
+        false
+    }
+
+    /// Move `count` entries starting at slot `from` of block `src` to the end of block `dst` (distinct pool ids),
+    /// and close the hole in `src`.
+    fn move_front(&mut self, dst: u32, src: u32, from: usize, count: usize) {
+        let (d, s) = (dst as usize, src as usize);
+        let (dst_b, src_b) = if d < s {
+            let (x, y) = self.pool.split_at_mut(s);
+            (&mut x[d], &mut y[0])
+        } else {
+            let (x, y) = self.pool.split_at_mut(d);
+            (&mut y[0], &mut x[s])
+        };
+        let at = dst_b.len as usize;
+        let (f, n, len) = (from, count, src_b.len as usize);
+        dst_b.start[at..at + n].copy_from_slice(&src_b.start[f..f + n]);
+        dst_b.end[at..at + n].copy_from_slice(&src_b.end[f..f + n]);
+        dst_b.time[at..at + n].copy_from_slice(&src_b.time[f..f + n]);
+        dst_b.client[at..at + n].copy_from_slice(&src_b.client[f..f + n]);
+        dst_b.bits[at..at + n].copy_from_slice(&src_b.bits[f..f + n]);
+        dst_b.len += n as u32;
+        src_b.start.copy_within(f + n..len, f);
+        src_b.end.copy_within(f + n..len, f);
+        src_b.time.copy_within(f + n..len, f);
+        src_b.client.copy_within(f + n..len, f);
+        src_b.bits.copy_within(f + n..len, f);
+        src_b.len -= n as u32;
+    }
+
+    /// Repack every block full, in order, and return the emptied blocks to the pool: O(entries), run only when a
+    /// change needs more free blocks than there are. Positions are invalid afterwards.
+    pub(crate) fn compact(&mut self) {
+        let n = self.keys.len();
+        let cap = self.cap as usize;
+        // Invariant: blocks at top positions w+1 .. r-1 are empty, so moving entries forward keeps the order.
+        let mut w = 0usize;
+        for r in 1..n {
+            loop {
+                let src_len = self.pool[self.ids[r] as usize].len as usize;
+                if src_len == 0 || w == r {
+                    break;
+                }
+                let room = cap - self.pool[self.ids[w] as usize].len as usize;
+                if room == 0 {
+                    w += 1;
+                    continue;
+                }
+                self.move_front(self.ids[w], self.ids[r], 0, room.min(src_len));
+            }
+        }
+        let keep = if n == 0 { 0 } else { w + 1 };
+        for t in keep..n {
+            self.free.push(self.ids[t]);
+        }
+        self.ids.truncate(keep);
+        self.keys.truncate(keep);
+        for t in 0..keep {
+            self.keys[t] = self.pool[self.ids[t] as usize].start[0];
+        }
+    }
+
+    /// Append block `t + 1`'s entries to block `t` and free block `t + 1`.
+    fn merge_with_next(&mut self, t: u32) {
+        let (a, b) = (self.ids[t as usize], self.ids[t as usize + 1]);
+        let n = self.pool[b as usize].len as usize;
+        self.move_front(a, b, 0, n);
+        self.keys.remove(t as usize + 1);
+        self.ids.remove(t as usize + 1);
+        self.free.push(b);
+    }
+
+    /// Every entry in order (tests and diagnostics; allocates), after checking the index and block shapes.
+    pub(crate) fn check_shape(&self) -> Result<Vec<Entry>, String> {
+        let mut out = Vec::with_capacity(self.entries as usize);
+        for t in 0..self.keys.len() as u32 {
+            let b = self.blk(t);
+            if b.len == 0 || b.len > self.cap {
+                return Err(format!("block {t} has {} entries", b.len));
+            }
+            if self.keys[t as usize] != b.start[0] {
+                return Err(format!("index key of block {t} is stale"));
+            }
+            for i in 0..b.len {
+                out.push(self.get(Pos { t, i }));
+            }
+        }
+        if out.len() != self.entries as usize {
+            return Err(format!("{} entries found, {} counted", out.len(), self.entries));
+        }
+        if self.keys.len() + self.free.len() != self.pool.len() {
+            return Err("a block is lost from the pool".into());
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(i: u64) -> Entry {
+        Entry { start: i * 2, end: i * 2 + 1, time: i as u32, client: 1, bits: 1 }
+    }
+
+    #[test]
+    fn compaction_repacks_half_empty_blocks_in_order() {
+        let mut b = Blocks::with_blocks(64, 4);
+        for i in 0..100 {
+            let at = b.slot_before(None);
+            b.insert(at, e(i)).unwrap();
+        }
+        assert_eq!(b.used_blocks(), 25, "appends fill blocks completely");
+        // Remove two of every four entries: blocks keep 2 entries, and pairs (4) are above the merge limit (2).
+        for i in (0..100u64).rev().filter(|i| i % 4 == 1 || i % 4 == 2) {
+            let p = b.seek(i * 2).unwrap();
+            assert_eq!(b.start_of(p), i * 2);
+            b.remove(p);
+        }
+        assert_eq!(b.used_blocks(), 25);
+        assert_eq!(b.entries(), 50);
+        b.compact();
+        assert_eq!(b.used_blocks(), 13);
+        assert_eq!(b.free_blocks(), 64 - 13);
+        let all = b.check_shape().unwrap();
+        let want: Vec<Entry> = (0..100u64).filter(|i| i % 4 == 0 || i % 4 == 3).map(e).collect();
+        assert_eq!(all, want);
+    }
+
+    #[test]
+    fn split_keeps_order_and_positions() {
+        let mut b = Blocks::with_blocks(16, 4);
+        for i in [0u64, 2, 4, 6] {
+            let at = b.slot_before(None);
+            b.insert(at, e(i)).unwrap();
+        }
+        // Insert in the middle of a full block: it splits in halves.
+        let p = b.seek(3).unwrap();
+        let got = b.insert(p, e(1)).unwrap();
+        assert_eq!(b.get(got), e(1));
+        assert_eq!(b.used_blocks(), 2);
+        let starts: Vec<u64> = b.check_shape().unwrap().iter().map(|x| x.start).collect();
+        assert_eq!(starts, vec![0, 2, 4, 8, 12]);
+    }
+}
