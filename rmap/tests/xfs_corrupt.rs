@@ -68,7 +68,7 @@ impl Fs {
             .unwrap()
     }
     fn open(&self) -> Result<XfsRmap, RmapError> {
-        XfsRmap::open_with(self.dev.clone(), &arena(), XfsOptions { cache_blocks: 4, ..XfsOptions::default() })
+        XfsRmap::open_with(self.dev.clone(), &arena(), XfsOptions { cache_bytes: 4 * 4096, ..XfsOptions::default() })
     }
     /// Open, then walk everything.
     fn walk_err(&self) -> RmapError {

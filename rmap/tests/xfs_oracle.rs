@@ -33,7 +33,7 @@ fn xfs_rmap_agrees_with_xfs_db_fsmap() {
         let dev = ImageDev::open(&img).expect("open image");
         let a = arena();
         // A small cache, so that probes evict and re-read blocks.
-        let rm = XfsRmap::open_with(dev, &a, XfsOptions { cache_blocks: 8, ..XfsOptions::default() }).expect("open xfs");
+        let rm = XfsRmap::open_with(dev, &a, XfsOptions { cache_bytes: 8 * 4096, ..XfsOptions::default() }).expect("open xfs");
         let sb = rm.superblock().clone();
         assert!(sb.ag_count >= 2 && sb.has_reflink, "{}: images must have several AGs and reflink", img.display());
 
@@ -160,7 +160,7 @@ fn device_block_sizes_and_offsets_do_not_change_answers() {
     let size = std::fs::metadata(img).unwrap().len();
     // A 4 KiB-block device, no cache.
     let dev = ImageDev::open_sized(img, size, 4096).unwrap();
-    let rm = XfsRmap::open_with(dev, &arena(), XfsOptions { cache_blocks: 0, ..XfsOptions::default() }).unwrap();
+    let rm = XfsRmap::open_with(dev, &arena(), XfsOptions { cache_bytes: 0, ..XfsOptions::default() }).unwrap();
     let mut recs = rm.records().unwrap();
     recs.sort_unstable();
     assert_eq!(recs, oracle);
