@@ -87,6 +87,15 @@ pub enum BdevError {
         #[source]
         source: nvstack_driver::DriverError,
     },
+    /// Attaching an NVMe controller or opening one of its namespaces failed.
+    #[error("bdev {name}: NVMe")]
+    Nvme {
+        /// Device name.
+        name: String,
+        /// The driver's error.
+        #[source]
+        source: nvstack_driver::DriverError,
+    },
     /// Mapping a pmem device or file failed.
     #[error("bdev {name}: opening persistent memory failed")]
     Pmem {

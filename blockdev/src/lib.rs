@@ -12,6 +12,7 @@ pub mod coremask;
 pub mod error;
 pub mod reactor;
 pub mod null;
+pub mod nvme;
 pub mod malloc;
 pub mod file;
 pub mod pmem;

@@ -32,7 +32,7 @@ use nvstack_driver::dma::Arena;
 use crate::{BdevError, BlockDev};
 
 /// Kinds this build knows, for error messages.
-pub const KNOWN_KINDS: &[&str] = &["null", "malloc", "file", "pmem"];
+pub const KNOWN_KINDS: &[&str] = &["null", "malloc", "file", "pmem", "nvme"];
 /// Options this build knows, for error messages.
 pub const KNOWN_OPTIONS: &[&str] = &["bs", "name"];
 /// Default logical block size.
@@ -183,7 +183,12 @@ pub fn open_bdev(spec: &str, arena: &Arc<Arena>) -> Result<Arc<dyn BlockDev>, Bd
         }
         "file" => open_file(spec, &s, arena),
         // ---- Later kinds are dispatched here: ----
-        // "nvme" => nvme::open(spec, &s, arena)   (PCI address or simulator; maps `arena` for DMA)
+        "nvme" => {
+            if s.block_size.is_some() {
+                return Err(spec_err(spec, "nvme: bs= is not taken (the namespace's LBA format sets the block size)"));
+            }
+            crate::nvme::open(spec, &s.args, s.name.as_deref(), arena)
+        }
         "pmem" => open_pmem(spec, &s),
         // Add the kind to KNOWN_KINDS as well.
         other => Err(spec_err(spec, format!("unknown kind {other:?} (known: {})", KNOWN_KINDS.join(", ")))),

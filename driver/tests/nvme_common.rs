@@ -66,7 +66,7 @@ pub fn run(qp: &mut IoQpair, op: NvmOp, nsid: u32, lba_shift: u8, slba: u64, nlb
 }
 
 pub fn qpair(ctrl: &Arc<Controller>, depth: u16) -> IoQpair {
-    ctrl.io_qpair(QpairOpts { depth }).expect("qpair")
+    ctrl.io_qpair(QpairOpts::depth(depth)).expect("qpair")
 }
 
 pub fn pattern(buf: &mut DmaBuf, seed: u64) {

@@ -216,7 +216,7 @@ fn queue_ids_run_out_clearly_and_come_back() {
     let cfg = SimConfig { max_io_queues: 1, ..default_cfg() };
     let r = rig(cfg, fast_opts());
     let q1 = qpair(&r.ctrl, 8);
-    let err = r.ctrl.io_qpair(nvstack_driver::nvme::QpairOpts { depth: 8 }).expect_err("second queue pair");
+    let err = r.ctrl.io_qpair(nvstack_driver::nvme::QpairOpts::depth(8)).expect_err("second queue pair");
     assert!(err.to_string().contains("fewer reactors") || err.to_string().contains("queue pairs"), "{err}");
     drop(q1);
     let _q2 = qpair(&r.ctrl, 8);

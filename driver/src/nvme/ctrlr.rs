@@ -786,13 +786,15 @@ impl Controller {
         Ok(())
     }
 
-    /// Open an I/O queue pair with `opts.depth` request slots (clamped to CAP.MQES).
+    /// Open an I/O queue pair with `opts.depth` request slots and `opts.commands` command ids (clamped to
+    /// CAP.MQES).
     ///
     /// # Errors
     /// [`DriverError::NvmeResources`] when every granted queue ID is in use, arena errors, admin command errors.
     pub fn io_qpair(self: &Arc<Self>, opts: QpairOpts) -> Result<IoQpair, DriverError> {
-        let depth = opts.depth.clamp(1, self.cap.mqes().max(1));
-        let entries = depth + 1;
+        let commands = opts.commands.max(opts.depth).clamp(1, self.cap.mqes().max(1));
+        let depth = opts.depth.clamp(1, commands);
+        let entries = commands + 1;
         let Some(qid) = lock(&self.free_qids).pop() else {
             return Err(DriverError::NvmeResources {
                 ctrlr: self.name.clone(),
@@ -802,7 +804,7 @@ impl Controller {
         };
         let mem = {
             let mut pool = lock(&self.mem_pool);
-            pool.iter().position(|m| m.entries == entries && m.depth == depth).map(|i| pool.swap_remove(i))
+            pool.iter().position(|m| m.entries == entries && m.depth == commands).map(|i| pool.swap_remove(i))
         };
         let mem = match mem {
             Some(m) => m,
@@ -811,10 +813,10 @@ impl Controller {
                 let carve = || -> Result<QueueMem, DriverError> {
                     Ok(QueueMem {
                         entries,
-                        depth,
+                        depth: commands,
                         sq: arena.carve(u64::from(entries) * 64, 4096, "NVMe I/O SQ")?,
                         cq: arena.carve(u64::from(entries) * 16, 4096, "NVMe I/O CQ")?,
-                        lists: arena.carve(u64::from(depth) * 4096, 4096, "NVMe PRP/SGL lists")?,
+                        lists: arena.carve(u64::from(commands) * 4096, 4096, "NVMe PRP/SGL lists")?,
                     })
                 };
                 match carve() {
@@ -833,7 +835,7 @@ impl Controller {
         }
         let ring = Ring::new(qid, entries, mem.sq, mem.cq, self.cap.dstrd());
         tracing::debug!(ctrlr = self.name, qid, depth, "I/O queue pair created");
-        Ok(IoQpair::new(Arc::clone(self), ring, mem.lists, depth))
+        Ok(IoQpair::new(Arc::clone(self), ring, mem.lists, depth, commands))
     }
 
     /// A queue pair is dropped: delete its queues (if the controller is live), keep its memory for reuse.

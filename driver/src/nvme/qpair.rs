@@ -235,8 +235,18 @@ pub struct IoCmd<'a, S: DmaSeg> {
 /// Options for an I/O queue pair.
 #[derive(Debug, Clone, Copy)]
 pub struct QpairOpts {
-    /// Requests in flight at once (the command-id table holds this many; the ring gets one more entry).
+    /// Requests in flight at once.
     pub depth: u16,
+    /// Commands in flight at once (the command-id table; at least `depth`; a request split at MDTS uses several).
+    /// The ring gets one more entry. Both are clamped to what CAP.MQES allows.
+    pub commands: u16,
+}
+
+impl QpairOpts {
+    /// `depth` requests and as many command ids.
+    pub fn depth(depth: u16) -> QpairOpts {
+        QpairOpts { depth, commands: depth }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -303,7 +313,7 @@ impl std::fmt::Debug for IoQpair {
 
 impl IoQpair {
     /// Create queue `qid` on `ctrl` with `depth` request slots (the controller picks the qid and memory).
-    pub(crate) fn new(ctrl: Arc<Controller>, ring: Ring, lists: DmaRegion, depth: u16) -> IoQpair {
+    pub(crate) fn new(ctrl: Arc<Controller>, ring: Ring, lists: DmaRegion, depth: u16, commands: u16) -> IoQpair {
         let now = Instant::now();
         let tracker = Tracker {
             sqe: SubmissionEntry::default(),
@@ -334,8 +344,8 @@ impl IoQpair {
             t,
             ring: Some(ring),
             lists: Some(lists),
-            trackers: vec![tracker; usize::from(depth)].into_boxed_slice(),
-            free_cids: (0..depth).rev().collect(),
+            trackers: vec![tracker; usize::from(commands)].into_boxed_slice(),
+            free_cids: (0..commands).rev().collect(),
             reqs: vec![req; usize::from(depth)].into_boxed_slice(),
             free_reqs: (0..depth).rev().collect(),
             scratch: Box::new([0u64; LIST_U64S]),
@@ -356,6 +366,10 @@ impl IoQpair {
     /// Request slots.
     pub fn depth(&self) -> u16 {
         self.reqs.len() as u16
+    }
+    /// Command ids.
+    pub fn commands(&self) -> u16 {
+        self.trackers.len() as u16
     }
     /// Requests in flight.
     #[inline]
