@@ -239,4 +239,61 @@ pub enum RmapError {
         /// What is wrong.
         reason: &'static str,
     },
+    /// A volume map was given a bad range.
+    #[error("volume map of {device}: volume {volume}: {reason}")]
+    Volume {
+        /// The device.
+        device: String,
+        /// The volume.
+        volume: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Reading /proc/self/pagemap (physical address translation) failed.
+    #[error("translating physical address {phys:#x}: reading /proc/self/pagemap failed")]
+    Pagemap {
+        /// The physical address.
+        phys: u64,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Writing or reading the poison journal's log file failed.
+    #[error("poison journal {path}: {step} failed")]
+    Journal {
+        /// The log file.
+        path: String,
+        /// What was being done.
+        step: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A journal line could not be parsed.
+    #[error("poison journal {path}: line {line} is not a journal record")]
+    JournalParse {
+        /// The log file.
+        path: String,
+        /// 1-based line number.
+        line: usize,
+        /// The parse error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// Setting up a poison source (tracefs events, the SIGBUS handler) failed.
+    #[error("poison listener: {step} failed")]
+    Listener {
+        /// What was being set up.
+        step: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The listener thread could not start.
+    #[error("poison listener: starting its thread failed")]
+    ListenerThread {
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
 }
