@@ -17,7 +17,8 @@
 use std::ptr::NonNull;
 use std::sync::Arc;
 
-use crate::bdev::{validate, ChannelOpts, Rejected, SubmitError};
+use crate::bdev::{ChannelOpts, Rejected, SubmitError};
+use crate::null::{push_reserved, FastCheck};
 use crate::{BdevError, BlockDev, Features, Geometry, IoChannel, IoDesc, IoOp, IoStatus};
 
 /// SPDK's product name for this kind.
@@ -157,6 +158,7 @@ impl BlockDev for MallocBdev {
             ram: Arc::clone(&self.ram),
             geo: self.geo,
             feat: self.feat,
+            fast: FastCheck::new(&self.geo),
             depth: opts.queue_depth as usize,
             done: Vec::with_capacity(opts.queue_depth as usize),
         }))
@@ -170,6 +172,7 @@ struct MallocChannel {
     ram: Arc<Ram>,
     geo: Geometry,
     feat: Features,
+    fast: FastCheck,
     depth: usize,
     /// Descriptors whose copy is done, waiting for the next poll. Capacity `depth`, never grows.
     #[allow(clippy::vec_box)] // descriptors are the caller's pooled boxes: moved in and out, never re-boxed
@@ -186,7 +189,7 @@ impl IoChannel for MallocChannel {
         if self.done.len() >= self.depth {
             return Err(Rejected { io, why: SubmitError::Busy });
         }
-        if let Err(e) = validate(&self.geo, &self.feat, &io) {
+        if let Err(e) = self.fast.check(&self.geo, &self.feat, &io) {
             return Err(Rejected { io, why: SubmitError::Invalid(e) });
         }
         // validate() proved offset+num_blocks <= block_count, so both byte numbers are inside the mapping (whose
@@ -205,7 +208,7 @@ impl IoChannel for MallocChannel {
             IoOp::Flush => {}
         }
         io.status = IoStatus::Success;
-        self.done.push(io);
+        push_reserved(&mut self.done, io);
         Ok(())
     }
 

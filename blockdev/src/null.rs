@@ -74,6 +74,7 @@ impl BlockDev for NullBdev {
         Ok(Box::new(NullChannel {
             geo: self.geo,
             feat: self.feat,
+            fast: FastCheck::new(&self.geo),
             depth: opts.queue_depth as usize,
             done: Vec::with_capacity(opts.queue_depth as usize),
         }))
@@ -84,6 +85,7 @@ impl BlockDev for NullBdev {
 struct NullChannel {
     geo: Geometry,
     feat: Features,
+    fast: FastCheck,
     depth: usize,
     /// Capacity `depth`, reserved at open; never grows.
     #[allow(clippy::vec_box)] // descriptors are the caller's pooled boxes: moved in and out, never re-boxed
@@ -96,11 +98,11 @@ impl IoChannel for NullChannel {
         if self.done.len() >= self.depth {
             return Err(Rejected { io, why: SubmitError::Busy });
         }
-        if let Err(e) = validate(&self.geo, &self.feat, &io) {
+        if let Err(e) = self.fast.check(&self.geo, &self.feat, &io) {
             return Err(Rejected { io, why: SubmitError::Invalid(e) });
         }
         io.status = IoStatus::Success;
-        self.done.push(io);
+        push_reserved(&mut self.done, io);
         Ok(())
     }
 
@@ -128,5 +130,148 @@ impl IoChannel for NullChannel {
     fn queue_depth(&self) -> u32 {
         // Fits: checked against MAX_QUEUE_DEPTH at open.
         self.depth as u32
+    }
+}
+
+/// Push onto a vector known to have room (no grow path on the I/O path).
+#[inline(always)]
+#[allow(clippy::vec_box)] // the caller's pooled boxes, moved through
+pub(crate) fn push_reserved(v: &mut Vec<Box<IoDesc>>, io: Box<IoDesc>) {
+    let len = v.len();
+    if len < v.capacity() {
+        // SAFETY: `len < capacity`, so slot `len` is allocated and unused; it is initialised before the length
+        // grows to cover it.
+        unsafe {
+            v.as_mut_ptr().add(len).write(io);
+            v.set_len(len + 1);
+        }
+    } else {
+        // Unreachable when callers check their depth first; kept correct (and out of line) rather than unsafe.
+        push_slow(v, io);
+    }
+}
+
+#[cold]
+#[inline(never)]
+#[allow(clippy::vec_box)]
+fn push_slow(v: &mut Vec<Box<IoDesc>>, io: Box<IoDesc>) {
+    v.push(io);
+}
+
+/// A precomputed check that accepts the common request shape (a read or write of one segment) in a handful of
+/// instructions, and otherwise defers to [`validate`] (out of line) for the verdict and its precise error.
+/// It only ever accepts what `validate` accepts, so the result is always `validate`'s.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FastCheck {
+    block_count: u64,
+    /// Most blocks in one transfer: `max_transfer_bytes / block_size`.
+    max_blocks: u64,
+    block_shift: u32,
+    align_mask: usize,
+}
+
+impl FastCheck {
+    pub(crate) fn new(geo: &Geometry) -> FastCheck {
+        FastCheck {
+            block_count: geo.block_count,
+            max_blocks: u64::from(geo.max_transfer_bytes / geo.block_size.max(1)),
+            block_shift: geo.block_size.max(1).trailing_zeros(),
+            align_mask: geo.buf_align_bytes.max(1) as usize - 1,
+        }
+    }
+
+    /// Validate `io` as [`validate`] does.
+    ///
+    /// # Errors
+    /// `validate`'s error.
+    #[inline(always)]
+    pub(crate) fn check(&self, geo: &Geometry, feat: &Features, io: &IoDesc) -> Result<(), crate::IoError> {
+        let segs = io.segs();
+        if let [s] = segs {
+            let n = io.num_blocks;
+            let rw = matches!(io.op, crate::IoOp::Read | crate::IoOp::Write);
+            let fua_read = io.op == crate::IoOp::Read && io.flags.contains(crate::IoFlags::FUA);
+            // n <= max_blocks <= 2^32, so the shift cannot overflow; the range check cannot either (checked_add).
+            let in_range = matches!(io.offset_blocks.checked_add(n), Some(end) if end <= self.block_count);
+            let fits = n != 0 && n <= self.max_blocks && u64::from(s.len()) == n << self.block_shift;
+            let aligned = (s.ptr().as_ptr() as usize | s.len() as usize) & self.align_mask == 0;
+            if rw && !fua_read && in_range && fits && aligned {
+                return Ok(());
+            }
+        }
+        validate_cold(geo, feat, io)
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn validate_cold(geo: &Geometry, feat: &Features, io: &IoDesc) -> Result<(), crate::IoError> {
+    validate(geo, feat, io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{IoFlags, IoOp};
+    use proptest::prelude::*;
+
+    fn geo(bs: u32, count: u64, align: u32) -> Geometry {
+        Geometry {
+            block_size: bs,
+            block_count: count,
+            max_transfer_bytes: 64 * bs,
+            optimal_boundary_bytes: 0,
+            buf_align_bytes: align,
+            max_segments: 4,
+        }
+    }
+
+    #[test]
+    fn fast_check_accepts_the_common_shape() {
+        let g = geo(4096, 100, 4096);
+        let feat = Features::default();
+        let backing = vec![0u8; 3 * 4096];
+        let at = backing.as_ptr().wrapping_add(4096 - (backing.as_ptr() as usize % 4096)) as *mut u8;
+        let mut io = IoDesc::new(1);
+        io.prepare(IoOp::Read, 99, 1);
+        // SAFETY: only validated, never submitted.
+        unsafe { io.push_seg_raw(std::ptr::NonNull::new(at).unwrap(), 0, 4096) }.unwrap();
+        let fast = FastCheck::new(&g);
+        assert_eq!(fast.check(&g, &feat, &io), Ok(()));
+        io.prepare(IoOp::Read, 100, 1);
+        assert!(matches!(fast.check(&g, &feat, &io), Err(crate::IoError::OutOfRange { .. })));
+    }
+
+    proptest! {
+        /// The fast check gives exactly validate's verdict (and error) on every request shape.
+        #[test]
+        fn fast_check_equals_validate(
+            bs_shift in 9u32..13,
+            count in 1u64..200,
+            align_shift in 0u32..10,
+            op in 0u8..5,
+            fua in any::<bool>(),
+            off in prop_oneof![0u64..300, Just(u64::MAX), Just(u64::MAX - 1)],
+            n in prop_oneof![0u64..80, Just(u64::MAX)],
+            segs in proptest::collection::vec((0usize..64, 0u32..70_000), 0..6),
+        ) {
+            let g = geo(1 << bs_shift, count, 1 << align_shift);
+            let feat = Features { flush: true, write_zeroes: op % 2 == 0, deallocate: fua, fua: true, volatile_write_cache: false };
+            let backing = vec![0u8; 1 << 20];
+            let mut io = IoDesc::new(8);
+            let op = [IoOp::Read, IoOp::Write, IoOp::Flush, IoOp::WriteZeroes, IoOp::Deallocate][op as usize];
+            io.prepare(op, off, n);
+            if fua {
+                io.flags = IoFlags::FUA;
+            }
+            for (at, len) in segs {
+                // Aligned lengths most of the time, so the accepting paths are exercised too.
+                let len = if len % 3 == 0 { len } else { (len / g.block_size + 1) * g.block_size };
+                let p = std::ptr::NonNull::new(backing.as_ptr().wrapping_add(at * 512) as *mut u8).unwrap();
+                // SAFETY: the descriptor is only validated, never submitted: nothing reads or writes through p.
+                let _ = unsafe { io.push_seg_raw(p, 0, len) };
+            }
+            prop_assert_eq!(FastCheck::new(&g).check(&g, &feat, &io), validate(&g, &feat, &io));
+        }
     }
 }
