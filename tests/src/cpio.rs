@@ -127,16 +127,21 @@ impl<W: Write> CpioWriter<W> {
 mod tests {
     use super::*;
 
-    /// A minimal reader for the archives we write: (name, mode, data) per entry.
-    fn parse(mut b: &[u8]) -> Vec<(String, u32, Vec<u8>, (u32, u32))> {
+    /// (name, mode, data, (rdev major, rdev minor)) of one entry.
+    type Entry = (String, u32, Vec<u8>, (u32, u32));
+
+    /// A minimal reader for the archives we write.
+    fn parse(mut b: &[u8]) -> Vec<Entry> {
         let total = b.len();
         let mut out = Vec::new();
         loop {
             let off = total - b.len();
             assert_eq!(off % 4, 0, "entry at {off} not 4-aligned");
             assert_eq!(&b[..6], NEWC_MAGIC.as_bytes());
-            let field = |i: usize| u32::from_str_radix(std::str::from_utf8(&b[6 + i * 8..14 + i * 8]).unwrap(), 16).unwrap();
-            let (mode, size, rmaj, rmin, namesize) = (field(1), field(6) as usize, field(9), field(10), field(11) as usize);
+            let field =
+                |i: usize| u32::from_str_radix(std::str::from_utf8(&b[6 + i * 8..14 + i * 8]).unwrap(), 16).unwrap();
+            let (mode, size, rmaj, rmin, namesize) =
+                (field(1), field(6) as usize, field(9), field(10), field(11) as usize);
             let name = std::str::from_utf8(&b[HEADER_LEN..HEADER_LEN + namesize - 1]).unwrap().to_string();
             assert_eq!(b[HEADER_LEN + namesize - 1], 0);
             let data_start = (HEADER_LEN + namesize).div_ceil(4) * 4;

@@ -8,8 +8,8 @@
 //! - host to guest: `ack KEY` after the host action triggered by marker KEY ran; `host-wait KEY [SECONDS]` in a
 //!   step waits for it.
 
-use crate::scenario::{PmemMode, Scenario, Step};
 use crate::initramfs::Tree;
+use crate::scenario::{PmemMode, Scenario, Step};
 
 /// Names of the steps the harness adds before the scenario's own start with this.
 pub const SETUP_PREFIX: &str = "setup-";
@@ -209,20 +209,43 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("nvstack-guest-test.{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("steps")).unwrap();
-        let steps = vec![
-            Step { name: "ok".into(), run: "echo hello; echo '@@NVSTACK phys=0x1000'".into(), expect_rc: 0,
-                   expect_output: vec!["hello".into()], reject_output: vec![], timeout_s: 10 },
-            Step { name: "bad".into(), run: "echo nope; exit 3".into(), expect_rc: 0,
-                   expect_output: vec!["yes".into(), "nope".into()], reject_output: vec!["nope".into()], timeout_s: 10 },
+        let steps = [
+            Step {
+                name: "ok".into(),
+                run: "echo hello; echo '@@NVSTACK phys=0x1000'".into(),
+                expect_rc: 0,
+                expect_output: vec!["hello".into()],
+                reject_output: vec![],
+                timeout_s: 10,
+            },
+            Step {
+                name: "bad".into(),
+                run: "echo nope; exit 3".into(),
+                expect_rc: 0,
+                expect_output: vec!["yes".into(), "nope".into()],
+                reject_output: vec!["nope".into()],
+                timeout_s: 10,
+            },
         ];
         for (n, st) in steps.iter().enumerate() {
             std::fs::write(dir.join(format!("steps/{n}.sh")), format!("set -e\n{}\n", st.run)).unwrap();
-            std::fs::write(dir.join(format!("steps/{n}.expect")), st.expect_output.iter().map(|x| format!("{x}\n")).collect::<String>()).unwrap();
-            std::fs::write(dir.join(format!("steps/{n}.reject")), st.reject_output.iter().map(|x| format!("{x}\n")).collect::<String>()).unwrap();
+            std::fs::write(
+                dir.join(format!("steps/{n}.expect")),
+                st.expect_output.iter().map(|x| format!("{x}\n")).collect::<String>(),
+            )
+            .unwrap();
+            std::fs::write(
+                dir.join(format!("steps/{n}.reject")),
+                st.reject_output.iter().map(|x| format!("{x}\n")).collect::<String>(),
+            )
+            .unwrap();
         }
         // Take only the functions from INIT_HEAD and point them at the test directory.
         let funcs = &INIT_HEAD[INIT_HEAD.find("mark()").unwrap()..];
-        let funcs = funcs.replace(". /etc/nvstack/env\n", "").replace("/etc/nvstack/steps", &dir.join("steps").to_string_lossy())
+        let funcs = funcs
+            .replace(". /etc/nvstack/env\n", "")
+            .replace("mark \"boot uptime=$(cut -d' ' -f1 /proc/uptime)\"\n", "")
+            .replace("/etc/nvstack/steps", &dir.join("steps").to_string_lossy())
             .replace("/tmp/step.", &format!("{}/step.", dir.display()));
         let script = format!(
             "exec 3>{}/ttyS1\n{funcs}\nrun_step 0 ok 10 0 || finish fail\nrun_step 1 bad 10 0 || finish fail\nfinish ok\n",

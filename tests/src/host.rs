@@ -48,10 +48,11 @@ fn is_executable(p: &Path) -> bool {
 /// [`HarnessError::Spawn`] or, on a non-zero exit, [`HarnessError::Command`] with the tail of its stderr.
 pub fn run(step: &str, cmd: &mut Command) -> Result<String, HarnessError> {
     let line = command_line(cmd);
-    let out = cmd
-        .stdin(std::process::Stdio::null())
-        .output()
-        .map_err(|source| HarnessError::Spawn { step: step.into(), command: line.clone(), source })?;
+    let out = cmd.stdin(std::process::Stdio::null()).output().map_err(|source| HarnessError::Spawn {
+        step: step.into(),
+        command: line.clone(),
+        source,
+    })?;
     if !out.status.success() {
         return Err(HarnessError::Command {
             step: step.into(),
@@ -65,11 +66,7 @@ pub fn run(step: &str, cmd: &mut Command) -> Result<String, HarnessError> {
 
 /// A command as one printable line.
 pub fn command_line(cmd: &Command) -> String {
-    std::iter::once(cmd.get_program())
-        .chain(cmd.get_args())
-        .map(OsStr::to_string_lossy)
-        .collect::<Vec<_>>()
-        .join(" ")
+    std::iter::once(cmd.get_program()).chain(cmd.get_args()).map(OsStr::to_string_lossy).collect::<Vec<_>>().join(" ")
 }
 
 /// The last `lines` lines of `text`.

@@ -333,7 +333,10 @@ fn add_depmod_index(t: &mut Tree, k: &Kernel, files: &[String], scratch: &Path) 
         }
         std::fs::copy(&src, &dst).map_err(|e| HarnessError::io("copying a module", &src, e))?;
     }
-    host::run("indexing guest modules", Command::new(find_tool("depmod", "kmod")?).arg("-b").arg(scratch).arg(&k.version))?;
+    host::run(
+        "indexing guest modules",
+        Command::new(find_tool("depmod", "kmod")?).arg("-b").arg(scratch).arg(&k.version),
+    )?;
     let rd = std::fs::read_dir(&sdir).map_err(|e| HarnessError::io("reading depmod output", &sdir, e))?;
     for e in rd.filter_map(Result::ok) {
         let name = e.file_name().to_string_lossy().into_owned();

@@ -145,7 +145,9 @@ pub fn prepare(cache: &Path) -> Result<Kernel, HarnessError> {
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).map_err(|e| HarnessError::io("creating kernel work dir", &work, e))?;
     let apt_get = find_tool("apt-get", "apt")?;
-    let download = |w: &Path| host::run("downloading the kernel", Command::new(&apt_get).arg("download").arg(&package).current_dir(w));
+    let download = |w: &Path| {
+        host::run("downloading the kernel", Command::new(&apt_get).arg("download").arg(&package).current_dir(w))
+    };
     if let Err(first) = download(&work) {
         // Lists may be missing on a fresh machine; refresh them once when we may.
         // SAFETY: geteuid has no preconditions and cannot fail.
@@ -163,7 +165,10 @@ pub fn prepare(cache: &Path) -> Result<Kernel, HarnessError> {
         .ok_or_else(|| HarnessError::Environment(format!("apt-get download {package} left no .deb")))?;
     let unpacked = work.join("root");
     host::run("unpacking the kernel", Command::new(find_tool("dpkg", "dpkg")?).arg("-x").arg(&deb).arg(&unpacked))?;
-    host::run("indexing kernel modules", Command::new(find_tool("depmod", "kmod")?).arg("-b").arg(&unpacked).arg(&version))?;
+    host::run(
+        "indexing kernel modules",
+        Command::new(find_tool("depmod", "kmod")?).arg("-b").arg(&unpacked).arg(&version),
+    )?;
     let _ = std::fs::remove_dir_all(&k.root);
     std::fs::rename(&unpacked, &k.root).map_err(|e| HarnessError::io("moving the unpacked kernel", &k.root, e))?;
     let _ = std::fs::remove_dir_all(&work);

@@ -115,8 +115,17 @@ mod tests {
 
     #[test]
     fn ignores_noise() {
-        for l in ["", "hello", "ack phys", "x @@NVSTACK done status=ok", "@@NVSTACK", "@@NVSTACK step=a",
-                  "@@NVSTACK step=a end status=ok rc=x", "@@NVSTACK done", "@@NVSTACKdone status=ok"] {
+        for l in [
+            "",
+            "hello",
+            "ack phys",
+            "x @@NVSTACK done status=ok",
+            "@@NVSTACK",
+            "@@NVSTACK step=a",
+            "@@NVSTACK step=a end status=ok rc=x",
+            "@@NVSTACK done",
+            "@@NVSTACKdone status=ok",
+        ] {
             assert_eq!(parse(l), None, "{l:?}");
         }
     }

@@ -72,7 +72,12 @@ impl Qmp {
     ///
     /// # Errors
     /// [`HarnessError::Qmp`] on an `error` reply, a closed socket or the deadline.
-    pub fn execute(&mut self, command: &str, arguments: Option<Value>, deadline: Instant) -> Result<Value, HarnessError> {
+    pub fn execute(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+        deadline: Instant,
+    ) -> Result<Value, HarnessError> {
         let mut msg = json!({ "execute": command });
         if let Some(a) = arguments {
             msg["arguments"] = a;

@@ -164,10 +164,8 @@ pub fn leftover_qemu_pids() -> Vec<u32> {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
         let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
         let cmd = String::from_utf8_lossy(&cmd);
-        if cmd.starts_with("qemu-system") || cmd.contains("/qemu-system") {
-            if cmd.contains(RUN_DIR_PREFIX) {
-                pids.push(pid);
-            }
+        if (cmd.starts_with("qemu-system") || cmd.contains("/qemu-system")) && cmd.contains(RUN_DIR_PREFIX) {
+            pids.push(pid);
         }
     }
     pids
@@ -206,7 +204,8 @@ impl Harness {
         let saved = std::fs::create_dir_all(&logs).and_then(|()| std::fs::write(&console_log, &console)).is_ok();
         let tail_text = || {
             let err = std::fs::read_to_string(paths.stderr()).unwrap_or_default();
-            let mut t = format!("--- console (last {CONSOLE_TAIL_LINES} lines) ---\n{}", tail(&console, CONSOLE_TAIL_LINES));
+            let mut t =
+                format!("--- console (last {CONSOLE_TAIL_LINES} lines) ---\n{}", tail(&console, CONSOLE_TAIL_LINES));
             if !err.trim().is_empty() {
                 t.push_str(&format!("\n--- qemu stderr ---\n{}", tail(&err, 20)));
             }
@@ -255,7 +254,8 @@ impl Harness {
         qemu::create_images(s, p).map_err(|e| error_chain(&e))?;
         let args = qemu::args(s, p);
         let (mut vm, qmp_stream, ctl) =
-            Qemu::start(&self.qemu, &args, p, (start + Duration::from_secs(30)).min(deadline)).map_err(|e| error_chain(&e))?;
+            Qemu::start(&self.qemu, &args, p, (start + Duration::from_secs(30)).min(deadline))
+                .map_err(|e| error_chain(&e))?;
         progress(&format!("  qemu pid {} started", vm.pid()));
         let mut qmp = Qmp::handshake(qmp_stream, (Instant::now() + Duration::from_secs(20)).min(deadline))
             .map_err(|e| error_chain(&e))?;
@@ -364,10 +364,18 @@ impl Harness {
                     for (k, v) in &pairs {
                         for a in s.action.iter().filter(|a| &a.on_marker == k) {
                             let cmd = action_command(a.kind, a.command.as_deref(), v, a.offset, a.cpu)?;
-                            let out = qmp
-                                .hmp(&cmd, (Instant::now() + Duration::from_secs(15)).min(deadline))
-                                .map_err(|e| format!("host action `{cmd}` (marker {k}={v} from step {step}): {}", error_chain(&e)))?;
-                            let note = format!("{cmd}{}", if out.trim().is_empty() { String::new() } else { format!(" -> {}", out.trim()) });
+                            let out = qmp.hmp(&cmd, (Instant::now() + Duration::from_secs(15)).min(deadline)).map_err(
+                                |e| {
+                                    format!(
+                                        "host action `{cmd}` (marker {k}={v} from step {step}): {}",
+                                        error_chain(&e)
+                                    )
+                                },
+                            )?;
+                            let note = format!(
+                                "{cmd}{}",
+                                if out.trim().is_empty() { String::new() } else { format!(" -> {}", out.trim()) }
+                            );
                             progress(&format!("  host action: {note}"));
                             run.actions.push(note);
                         }
@@ -391,7 +399,8 @@ impl Harness {
     fn write_initrd(&self, s: &Scenario, p: &RunPaths) -> Result<(), HarnessError> {
         let mut data = Vec::new();
         for layer in [&self.base, &self.bins] {
-            let bytes = std::fs::read(&layer.path).map_err(|e| HarnessError::io("reading a cached layer", &layer.path, e))?;
+            let bytes =
+                std::fs::read(&layer.path).map_err(|e| HarnessError::io("reading a cached layer", &layer.path, e))?;
             data.extend_from_slice(&bytes);
             // Each archive starts 4-byte aligned; gzip members may end anywhere.
             data.resize(data.len().div_ceil(4) * 4, 0);
@@ -408,7 +417,13 @@ struct Run {
 }
 
 /// The monitor command for an action triggered by a marker with `value`.
-fn action_command(kind: ActionKind, template: Option<&str>, value: &str, offset: u64, cpu: u32) -> Result<String, String> {
+fn action_command(
+    kind: ActionKind,
+    template: Option<&str>,
+    value: &str,
+    offset: u64,
+    cpu: u32,
+) -> Result<String, String> {
     let addr = || {
         parse_number(value)
             .and_then(|v| v.checked_add(offset))

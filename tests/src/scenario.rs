@@ -300,8 +300,8 @@ impl Scenario {
     /// # Errors
     /// When the text is not a valid scenario ([`HarnessError::ScenarioParse`], [`HarnessError::ScenarioInvalid`]).
     pub fn parse(text: &str, path: &Path) -> Result<Scenario, HarnessError> {
-        let mut s: Scenario = toml::from_str(text)
-            .map_err(|source| HarnessError::ScenarioParse { path: path.to_path_buf(), source })?;
+        let mut s: Scenario =
+            toml::from_str(text).map_err(|source| HarnessError::ScenarioParse { path: path.to_path_buf(), source })?;
         s.path = path.to_path_buf();
         if s.name.is_empty() {
             s.name = path.file_stem().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();

@@ -30,7 +30,8 @@ fn pattern(i: usize, seed: u64) -> u64 {
 fn map(fd: i32, len: usize) -> Result<*mut u64, String> {
     // SAFETY: a fresh mapping chosen by the kernel (addr NULL); fd is an open device-DAX file and len a
     // multiple of its 2 MiB alignment, checked by the caller. The result is checked against MAP_FAILED.
-    let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0) };
+    let p =
+        unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0) };
     if p == libc::MAP_FAILED {
         return Err(format!("mmap {len} bytes: {}", std::io::Error::last_os_error()));
     }

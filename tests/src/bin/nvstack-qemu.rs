@@ -96,9 +96,18 @@ fn main() -> ExitCode {
         }
     };
     let reuse = |r: bool| if r { "reused from cache" } else { "built" };
-    println!("kernel {} ({})", h.kernel.version, if h.kernel.reused { "reused from cache" } else { "downloaded and unpacked" });
-    println!("initramfs base {} KiB ({}), bins {} KiB ({})", h.base.size_bytes / 1024, reuse(h.base.reused),
-        h.bins.size_bytes / 1024, reuse(h.bins.reused));
+    println!(
+        "kernel {} ({})",
+        h.kernel.version,
+        if h.kernel.reused { "reused from cache" } else { "downloaded and unpacked" }
+    );
+    println!(
+        "initramfs base {} KiB ({}), bins {} KiB ({})",
+        h.base.size_bytes / 1024,
+        reuse(h.base.reused),
+        h.bins.size_bytes / 1024,
+        reuse(h.bins.reused)
+    );
     println!("prepared in {}", fmt_s(h.prepare_time));
     if args.prepare_only {
         return ExitCode::SUCCESS;
@@ -110,10 +119,20 @@ fn main() -> ExitCode {
             outcomes.push(Outcome::not_run(s, why));
             continue;
         }
-        println!("\n=== scenario {} [{}]{}", s.name, s.shape(), if s.expect_failure { " (self-test: must fail)" } else { "" });
+        println!(
+            "\n=== scenario {} [{}]{}",
+            s.name,
+            s.shape(),
+            if s.expect_failure { " (self-test: must fail)" } else { "" }
+        );
         let o = h.run(s, &mut |line| println!("{line}"));
-        println!("{} {} in {}{}", o.verdict.word(), o.name, fmt_s(o.elapsed),
-            o.boot.map(|b| format!(" (boot {})", fmt_s(b))).unwrap_or_default());
+        println!(
+            "{} {} in {}{}",
+            o.verdict.word(),
+            o.name,
+            fmt_s(o.elapsed),
+            o.boot.map(|b| format!(" (boot {})", fmt_s(b))).unwrap_or_default()
+        );
         if let Some(r) = &o.reason {
             println!("  reason: {r}");
         }
