@@ -872,13 +872,14 @@ impl IoChannel for FileChannel {
 
 impl Drop for FileChannel {
     fn drop(&mut self) {
-        if self.in_flight == 0 {
+        // Entries only queued in the SQ die with the ring; only those the kernel took can still touch memory.
+        if self.in_kernel == 0 {
             return;
         }
         // Requests in the kernel may still write into their buffers: wait for them (bounded).
         let deadline = Instant::now() + DROP_DRAIN;
         let mut sink: Vec<Box<IoDesc>> = Vec::with_capacity(self.depth);
-        while self.in_flight > 0 && Instant::now() < deadline {
+        while self.in_kernel > 0 && Instant::now() < deadline {
             sink.clear();
             self.done.clear();
             if !self.enter() {
@@ -887,8 +888,8 @@ impl Drop for FileChannel {
             self.reap(&mut sink);
             std::thread::sleep(Duration::from_micros(50));
         }
-        if self.in_flight > 0 {
-            tracing::warn!(bdev = %self.shared.name, in_flight = self.in_flight, "file channel dropped with requests in flight");
+        if self.in_kernel > 0 {
+            tracing::warn!(bdev = %self.shared.name, in_kernel = self.in_kernel, "file channel dropped with requests in the kernel");
         }
     }
 }

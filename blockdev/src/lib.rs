@@ -5,7 +5,8 @@
 //! - [`reactor`]: one pinned polling thread per core, pollers run to completion, cross-core messages on bounded
 //!   rings.
 //! - [`coremask`]: SPDK-style core masks (`0x3`, `0,1`, `0-3`).
-//! - One module per backend: `null`, `malloc`, `file`.
+//! - One module per backend: `null`, `malloc`, `file`; [`spec::open_bdev`] opens one from text (`malloc:64M`).
+//! - [`contract`]: the checks every backend must pass, reusable by any crate's tests.
 
 pub mod bdev;
 pub mod coremask;

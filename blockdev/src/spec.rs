@@ -286,6 +286,28 @@ mod tests {
         assert!(matches!(open_bdev("null:1M,bs=128K", &a), Err(BdevError::BlockSize { .. })));
         assert!(matches!(open_bdev("malloc:6000", &a), Err(BdevError::Size { .. })));
         assert!(matches!(open_bdev("file:", &a), Err(BdevError::Spec { .. })));
+        let missing = format!("file:/var/tmp/nvstack-spec-missing-{}.img", std::process::id());
+        let e = open_bdev(&missing, &a).err().unwrap();
+        assert!(matches!(e, BdevError::FileSize { .. }) && e.to_string().contains("give a size"), "{e}");
+    }
+
+    #[test]
+    fn open_file_kind() {
+        let a = arena();
+        let dir = std::env::temp_dir().join(format!("nvstack-spec-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // A ':' inside the path is kept when the last part is not a size.
+        let path = dir.join("a:b.img");
+        std::fs::write(&path, vec![0u8; 8192]).unwrap();
+        let d = open_bdev(&format!("file:{}", path.display()), &a).unwrap();
+        assert_eq!((d.name(), d.product_name(), d.geometry().size_bytes()), ("a:b.img", "URING bdev", 8192));
+        drop(d);
+        let d = open_bdev(&format!("file:{}:64K,bs=4K,name=F0", path.display()), &a).unwrap();
+        assert_eq!((d.name(), d.geometry().block_size, d.geometry().block_count), ("F0", 4096, 16));
+        drop(d);
+        let e = open_bdev(&format!("file:{}:8K", path.display()), &a).err().unwrap();
+        assert!(matches!(e, BdevError::FileSize { .. }), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
