@@ -47,4 +47,6 @@ pub enum Command {
     Serve(crate::serve::ServeArgs),
     /// Send one JSON-RPC request to a running `nvstack serve` (as SPDK's rpc.py).
     Rpc(crate::rpc_client::RpcArgs),
+    /// Poison events: list the journal, explain a device offset or physical address, inject (test aid).
+    Poison(crate::poison::PoisonArgs),
 }

@@ -7,6 +7,7 @@ mod error;
 mod identify;
 mod logging;
 mod perf;
+mod poison;
 mod rpc_client;
 mod serve;
 mod setup;
@@ -34,6 +35,7 @@ fn main() -> ExitCode {
         cli::Command::Setup(args) => setup::run(args, &cli.global),
         cli::Command::Serve(args) => serve::run(args, &cli.global),
         cli::Command::Rpc(args) => rpc_client::run(args, &cli.global),
+        cli::Command::Poison(args) => poison::run(args, &cli.global),
     };
     match result {
         Ok(code) => code,
