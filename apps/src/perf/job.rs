@@ -17,7 +17,7 @@ use nvstack_blockdev::reactor::{PollOutcome, Poller, ReactorCtx};
 use nvstack_blockdev::{BlockDev, IoChannel, IoDesc, IoOp, IoStatus, SubmitError};
 use nvstack_driver::dma::{Arena, BufPool};
 
-use super::clock::ticks;
+use super::clock::{thread_cpu_ns, ticks};
 use super::histogram::Histogram;
 use super::verify::{VerifyState, VerifyStats};
 use crate::error::AppError;
@@ -114,6 +114,8 @@ pub struct JobResult {
     pub hist: Histogram,
     /// Ticks from the start signal to the last completion.
     pub elapsed_ticks: u64,
+    /// CPU time the reactor thread ran from the start signal to the end, in nanoseconds.
+    pub cpu_ns: u64,
     /// Verify counters (with `--verify`).
     pub verify: Option<VerifyStats>,
     /// Pre-fill writes that failed (with `--verify` on read-only workloads).
@@ -176,6 +178,7 @@ pub struct Job {
     first_error: Option<String>,
     hist: Histogram,
     start_tick: u64,
+    start_cpu_ns: u64,
     end_tick: u64,
     last_tick: u64,
     verify: Option<VerifyState>,
@@ -249,6 +252,7 @@ impl Job {
             first_error: None,
             hist: Histogram::new(),
             start_tick: 0,
+            start_cpu_ns: 0,
             end_tick: 0,
             last_tick: 0,
             verify,
@@ -409,6 +413,7 @@ impl Job {
     }
 
     fn start(&mut self) {
+        self.start_cpu_ns = thread_cpu_ns();
         let now = ticks();
         self.start_tick = now;
         self.last_tick = now;
@@ -502,6 +507,7 @@ impl Job {
             first_error: self.first_error.take(),
             hist: std::mem::take(&mut self.hist),
             elapsed_ticks: self.last_tick.saturating_sub(self.start_tick),
+            cpu_ns: if self.start_tick == 0 { 0 } else { thread_cpu_ns().saturating_sub(self.start_cpu_ns) },
             verify: self.verify.as_mut().map(VerifyState::take_stats),
             prefill_errors: self.prefill_errors,
         };

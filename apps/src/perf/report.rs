@@ -112,6 +112,12 @@ pub struct Row {
     pub errors: u64,
     /// I/Os per second (the sum of the cores', in the total).
     pub iops: f64,
+    /// CPU seconds the reactor thread(s) ran during the run (less than `runtime_s` when other processes took the
+    /// core).
+    pub cpu_s: f64,
+    /// I/Os per CPU second: what a core given to the reactor alone would do (equal to `iops` on a quiet machine;
+    /// for the total, the sum of the cores').
+    pub iops_per_cpu_s: f64,
     /// MiB per second.
     pub mib_s: f64,
     /// Latency.
@@ -149,6 +155,8 @@ impl Report {
             let runtime = s.secs(r.elapsed_ticks);
             let ios = r.reads + r.writes;
             let iops = if runtime > 0.0 { ios as f64 / runtime } else { 0.0 };
+            let cpu_s = r.cpu_ns as f64 / 1e9;
+            let iops_per_cpu_s = if cpu_s > 0.0 { ios as f64 / cpu_s } else { 0.0 };
             if let Some(v) = &r.verify {
                 let t = total_verify.get_or_insert_with(VerifyStats::default);
                 t.checked_blocks += v.checked_blocks;
@@ -165,6 +173,8 @@ impl Report {
                 writes: r.writes,
                 errors: r.errors + r.prefill_errors,
                 iops: round3(iops),
+                cpu_s: round3(cpu_s),
+                iops_per_cpu_s: round3(iops_per_cpu_s),
                 mib_s: mib(iops),
                 latency_us: Latency::of(&r.hist, s),
                 verify: r.verify.clone(),
@@ -181,6 +191,8 @@ impl Report {
             writes: cores.iter().map(|c| c.writes).sum(),
             errors: cores.iter().map(|c| c.errors).sum(),
             iops: round3(iops),
+            cpu_s: round3(cores.iter().map(|c| c.cpu_s).sum()),
+            iops_per_cpu_s: round3(cores.iter().map(|c| c.iops_per_cpu_s).sum()),
             mib_s: mib(iops),
             latency_us: Latency::of(&merged, s),
             verify: total_verify,
@@ -287,6 +299,14 @@ impl Report {
         pct(out, "Total", &self.total.latency_us)?;
         for row in &self.cores {
             let core = row.core.unwrap_or(0);
+            if row.runtime_s > 0.0 && row.cpu_s < 0.9 * row.runtime_s {
+                writeln!(
+                    out,
+                    "Note core {core:>2}: the reactor ran {:.2} of {:.2} s (other processes took the core): {:.2} IOPS \
+                     per CPU second",
+                    row.cpu_s, row.runtime_s, row.iops_per_cpu_s
+                )?;
+            }
             if let Some(v) = &row.verify {
                 writeln!(
                     out,
@@ -351,6 +371,7 @@ mod tests {
             first_error: None,
             hist,
             elapsed_ticks: 1_000_000_000,
+            cpu_ns: 500_000_000,
             verify: None,
             prefill_errors: 0,
         }
@@ -363,6 +384,8 @@ mod tests {
         let rep = Report::build(&cfg(), bdev, &[result(0, 1000, 1000), result(1, 3000, 3000)], s);
         assert_eq!(rep.cores[0].iops, 1000.0);
         assert_eq!(rep.total.iops, 4000.0);
+        assert_eq!(rep.cores[0].iops_per_cpu_s, 2000.0);
+        assert_eq!(rep.total.cpu_s, 1.0);
         assert_eq!(rep.total.ios, 4000);
         assert!((rep.total.mib_s - 4000.0 * 4096.0 / 1048576.0).abs() < 0.01);
         assert_eq!(rep.total.latency_us.min, 1.0);

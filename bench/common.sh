@@ -1,0 +1,34 @@
+# Shared helpers for the bench scripts (sourced, not run).
+# Every script builds the release binary first and prints each command it runs before its figures.
+
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+NVSTACK="$TARGET_DIR/release/nvstack"
+
+build() {
+    echo "+ cargo build --release -p nvstack" >&2
+    cargo build --release -p nvstack >&2
+}
+
+# Print a command, then run it.
+show() {
+    echo "+ $*" >&2
+    "$@"
+}
+
+# Median of the numbers on stdin (one per line).
+median() {
+    python3 -c 'import sys,statistics; v=[float(x) for x in sys.stdin.read().split()]; print(f"{statistics.median(v):.2f}")'
+}
+
+# A JSON field from stdin: json_get 'd["total"]["iops"]'
+json_get() {
+    python3 -c "import sys,json; d=json.load(sys.stdin); print($1)"
+}
+
+# The first core this process may run on (benchmarks pin to it).
+first_core() {
+    python3 -c 'import os; print(min(os.sched_getaffinity(0)))'
+}
