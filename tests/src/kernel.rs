@@ -26,6 +26,48 @@ pub struct Kernel {
     pub reused: bool,
 }
 
+/// The xz stream magic inside a bzImage built with CONFIG_KERNEL_XZ.
+const XZ_MAGIC: &[u8] = b"\xfd7zXZ\x00";
+
+/// The uncompressed ELF kernel extracted from `k`'s bzImage, cached as `vmlinux` next to the unpacked tree, when
+/// the kernel can boot from it (CONFIG_PVH: QEMU enters it through the PVH ELF note). Booting it skips the xz
+/// decompression, which costs TCG several seconds per boot.
+///
+/// # Errors
+/// Why not (then boot the bzImage): no CONFIG_PVH, not an xz bzImage, xz missing or failing.
+pub fn pvh_vmlinux(k: &Kernel) -> Result<PathBuf, String> {
+    let out = k.root.parent().ok_or("kernel tree has no parent")?.join("vmlinux");
+    if out.exists() {
+        return Ok(out);
+    }
+    let cfg_path = k.root.join("boot").join(format!("config-{}", k.version));
+    let config = std::fs::read_to_string(&cfg_path).map_err(|e| format!("{}: {e}", cfg_path.display()))?;
+    if !config.lines().any(|l| l == "CONFIG_PVH=y") {
+        return Err("the kernel lacks CONFIG_PVH".into());
+    }
+    let image = std::fs::read(&k.vmlinuz).map_err(|e| format!("{}: {e}", k.vmlinuz.display()))?;
+    let at = image.windows(XZ_MAGIC.len()).position(|w| w == XZ_MAGIC).ok_or("no xz stream in the bzImage")?;
+    let xz = find_tool("xz", "xz-utils").map_err(|e| e.to_string())?;
+    let mut child = Command::new(xz)
+        .args(["-dc", "--single-stream"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("xz: {e}"))?;
+    let mut stdin = child.stdin.take().ok_or("xz has no stdin")?;
+    let payload = image[at..].to_vec();
+    // xz stops reading after its stream, so this write may fail with a broken pipe: that is fine.
+    let feeder = std::thread::spawn(move || std::io::Write::write_all(&mut stdin, &payload));
+    let done = child.wait_with_output().map_err(|e| format!("xz: {e}"))?;
+    let _ = feeder.join();
+    if !done.status.success() || !done.stdout.starts_with(b"\x7fELF") {
+        return Err(format!("xz -dc gave no ELF kernel ({})", done.status));
+    }
+    host::write_atomic(&out, &done.stdout).map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
 impl Kernel {
     /// `lib/modules/VERSION` of the unpacked tree.
     pub fn modules_dir(&self) -> PathBuf {

@@ -35,6 +35,10 @@ pub struct Harness {
     pub qemu: PathBuf,
     /// The guest kernel.
     pub kernel: Kernel,
+    /// The image QEMU boots: the extracted ELF kernel (PVH entry) or, failing that, the bzImage.
+    pub boot_image: PathBuf,
+    /// Why the bzImage is booted, when it is.
+    pub boot_image_note: Option<String>,
     /// The base initramfs layer.
     pub base: Layer,
     /// The project binaries' layer.
@@ -183,17 +187,21 @@ impl Harness {
         std::fs::create_dir_all(&cache).map_err(|e| HarnessError::io("creating the cache", &cache, e))?;
         let qemu = find_tool("qemu-system-x86_64", "qemu-system-x86")?;
         let kernel = kernel::prepare(&cache)?;
+        let (boot_image, boot_image_note) = match kernel::pvh_vmlinux(&kernel) {
+            Ok(p) => (p, None),
+            Err(why) => (kernel.vmlinuz.clone(), Some(why)),
+        };
         let mut modules: BTreeSet<String> = initramfs::BASE_MODULES.iter().map(|m| m.to_string()).collect();
         modules.extend(scenarios.iter().flat_map(|s| s.machine.modules.iter().cloned()));
         let (base, base_tree) = initramfs::base_layer(&cache, &kernel, &modules)?;
         let bins = initramfs::bins_layer(&cache, bins, &base_tree)?;
-        Ok(Harness { cache, qemu, kernel, base, bins, prepare_time: t0.elapsed(), keep })
+        Ok(Harness { cache, qemu, kernel, boot_image, boot_image_note, base, bins, prepare_time: t0.elapsed(), keep })
     }
 
     /// Run one scenario in a fresh guest; `progress` receives one line per event as it happens.
     pub fn run(&self, s: &Scenario, progress: &mut dyn FnMut(&str)) -> Outcome {
         let dir = std::env::temp_dir().join(format!("{RUN_DIR_PREFIX}{}.{}", std::process::id(), s.name));
-        let paths = RunPaths { dir: dir.clone(), kernel: self.kernel.vmlinuz.clone(), initrd: dir.join("initrd.img") };
+        let paths = RunPaths { dir: dir.clone(), kernel: self.boot_image.clone(), initrd: dir.join("initrd.img") };
         let mut run = Run { steps: Vec::new(), actions: Vec::new(), boot: None };
         let t0 = Instant::now();
         let result = self.attempt(s, &paths, &mut run, progress);

@@ -101,6 +101,10 @@ fn main() -> ExitCode {
         h.kernel.version,
         if h.kernel.reused { "reused from cache" } else { "downloaded and unpacked" }
     );
+    match &h.boot_image_note {
+        None => println!("booting the extracted ELF kernel {} (PVH entry, no decompression)", h.boot_image.display()),
+        Some(why) => println!("booting the bzImage: {why}"),
+    }
     println!(
         "initramfs base {} KiB ({}), bins {} KiB ({})",
         h.base.size_bytes / 1024,
