@@ -81,6 +81,22 @@ impl BlockDev for NullBdev {
     }
 }
 
+impl NullChannel {
+    #[cold]
+    #[inline(never)]
+    fn submit_slow(&mut self, mut io: Box<IoDesc>) -> Result<(), Rejected> {
+        if self.done.len() >= self.depth {
+            return Err(Rejected { io, why: SubmitError::Busy });
+        }
+        if let Err(e) = validate(&self.geo, &self.feat, &io) {
+            return Err(Rejected { io, why: SubmitError::Invalid(e) });
+        }
+        io.status = IoStatus::Success;
+        push_reserved(&mut self.done, io);
+        Ok(())
+    }
+}
+
 /// One reactor's channel: finished descriptors waiting to be reaped, in submission order.
 struct NullChannel {
     geo: Geometry,
@@ -95,15 +111,19 @@ struct NullChannel {
 impl IoChannel for NullChannel {
     #[inline]
     fn submit(&mut self, mut io: Box<IoDesc>) -> Result<(), Rejected> {
-        if self.done.len() >= self.depth {
-            return Err(Rejected { io, why: SubmitError::Busy });
+        // The hot path: room, and the common request shape, accepted in a few instructions. Everything else (Busy,
+        // errors, other shapes) goes to the out-of-line path, so this one needs few registers.
+        let len = self.done.len();
+        if len < self.depth && len < self.done.capacity() && self.fast.accepts(&io) {
+            io.status = IoStatus::Success;
+            // SAFETY: `len < capacity`: slot `len` is allocated and unused; it is written before the length covers it.
+            unsafe {
+                self.done.as_mut_ptr().add(len).write(io);
+                self.done.set_len(len + 1);
+            }
+            return Ok(());
         }
-        if let Err(e) = self.fast.check(&self.geo, &self.feat, &io) {
-            return Err(Rejected { io, why: SubmitError::Invalid(e) });
-        }
-        io.status = IoStatus::Success;
-        push_reserved(&mut self.done, io);
-        Ok(())
+        self.submit_slow(io)
     }
 
     #[inline]
@@ -186,20 +206,25 @@ impl FastCheck {
     /// `validate`'s error.
     #[inline(always)]
     pub(crate) fn check(&self, geo: &Geometry, feat: &Features, io: &IoDesc) -> Result<(), crate::IoError> {
-        let segs = io.segs();
-        if let [s] = segs {
-            let n = io.num_blocks;
-            let rw = matches!(io.op, crate::IoOp::Read | crate::IoOp::Write);
-            let fua_read = io.op == crate::IoOp::Read && io.flags.contains(crate::IoFlags::FUA);
-            // n <= max_blocks <= 2^32, so the shift cannot overflow; the range check cannot either (checked_add).
-            let in_range = matches!(io.offset_blocks.checked_add(n), Some(end) if end <= self.block_count);
-            let fits = n != 0 && n <= self.max_blocks && u64::from(s.len()) == n << self.block_shift;
-            let aligned = (s.ptr().as_ptr() as usize | s.len() as usize) & self.align_mask == 0;
-            if rw && !fua_read && in_range && fits && aligned {
-                return Ok(());
-            }
+        if self.accepts(io) {
+            return Ok(());
         }
         validate_cold(geo, feat, io)
+    }
+
+    /// Whether `io` has the common shape and passes every check `validate` makes on it. `false` means "ask
+    /// `validate`", not "invalid".
+    #[inline(always)]
+    pub(crate) fn accepts(&self, io: &IoDesc) -> bool {
+        let [s] = io.segs() else { return false };
+        let n = io.num_blocks;
+        let rw = matches!(io.op, crate::IoOp::Read | crate::IoOp::Write);
+        let fua_read = io.op == crate::IoOp::Read && io.flags.contains(crate::IoFlags::FUA);
+        // n <= max_blocks <= 2^32, so the shift cannot overflow; the range check cannot either (checked_add).
+        let in_range = matches!(io.offset_blocks.checked_add(n), Some(end) if end <= self.block_count);
+        let fits = n != 0 && n <= self.max_blocks && u64::from(s.len()) == n << self.block_shift;
+        let aligned = (s.ptr().as_ptr() as usize | s.len() as usize) & self.align_mask == 0;
+        rw && !fua_read && in_range && fits && aligned
     }
 }
 
