@@ -43,4 +43,22 @@ pub enum CacheError {
         /// One past the last byte.
         end: u64,
     },
+    /// Carving cache pages from the DMA arena failed.
+    #[error("reserving {bytes} bytes of cache pages in the DMA arena failed (raise the arena size)")]
+    Arena {
+        /// Bytes asked for.
+        bytes: u64,
+        /// The driver's error (boxed: it is large and this is a set-up path).
+        #[source]
+        source: Box<nvstack_driver::DriverError>,
+    },
+    /// Opening the backing device's channel failed.
+    #[error("cache over {backing}: opening the backing channel failed")]
+    BackingChannel {
+        /// Backing device name.
+        backing: String,
+        /// The blockdev error (boxed: it is large and this is a set-up path).
+        #[source]
+        source: Box<nvstack_blockdev::BdevError>,
+    },
 }
