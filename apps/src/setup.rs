@@ -237,6 +237,11 @@ fn ensure_driver(sysfs: &Sysfs, driver: &str) -> Result<(), AppError> {
         let module = driver.replace('-', "_");
         let status = std::process::Command::new("modprobe").arg(&module).status();
         tracing::info!(module, ?status, "modprobe");
+        if driver == VFIO_PCI {
+            // The type1 IOMMU backend is only a soft dependency of vfio; nvstack's container needs it.
+            let status = std::process::Command::new("modprobe").arg("vfio_iommu_type1").status();
+            tracing::info!(module = "vfio_iommu_type1", ?status, "modprobe");
+        }
         if sysfs.driver_dir(driver).is_dir() {
             return Ok(());
         }
@@ -353,7 +358,7 @@ fn status(sysfs: &Sysfs, json: bool, out: &mut impl Write) -> Result<ExitCode, A
         emit(out, format_args!("{:<8} {:>8}kB {:>8} / {:>6}", node, l.size_kb, l.free, l.total))?;
     }
     emit(out, format_args!(""))?;
-    emit(out, format_args!("{:<6} {:<13} {:<6} {:<6} {:<5} {:<9} {:<6} {:<8} {}", "Type", "BDF", "Vendor", "Device", "NUMA", "Driver", "Group", "Device", "Block devices"))?;
+    emit(out, format_args!("{:<6} {:<13} {:<6} {:<6} {:<5} {:<9} {:<6} {:<12} {}", "Type", "BDF", "Vendor", "Device", "NUMA", "Driver", "Group", "Device", "Block devices"))?;
     for r in &rows {
         let numa = r.numa_node.map_or_else(|| "-".to_string(), |n| n.to_string());
         let driver = r.driver.as_deref().unwrap_or("-");
@@ -363,7 +368,7 @@ fn status(sysfs: &Sysfs, json: bool, out: &mut impl Write) -> Result<ExitCode, A
         if !r.in_use.is_empty() {
             blocks.push_str(&format!("  (in use: {})", r.in_use.join("; ")));
         }
-        emit(out, format_args!("{:<6} {:<13} {:<6} {:<6} {:<5} {:<9} {:<6} {:<8} {}", "NVMe", r.bdf, r.vendor, r.device, numa, driver, group, dev, blocks))?;
+        emit(out, format_args!("{:<6} {:<13} {:<6} {:<6} {:<5} {:<9} {:<6} {:<12} {}", "NVMe", r.bdf, r.vendor, r.device, numa, driver, group, dev, blocks))?;
     }
     Ok(ExitCode::SUCCESS)
 }

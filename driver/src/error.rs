@@ -217,6 +217,17 @@ pub enum DriverError {
         #[source]
         source: io::Error,
     },
+    /// The group file is held by another process.
+    #[error("VFIO: {path} is busy: another process (an nvstack or SPDK application, or QEMU) has {bdf} open; stop it first")]
+    VfioBusy {
+        /// The PCI address.
+        bdf: String,
+        /// The group file.
+        path: std::path::PathBuf,
+        /// The open error (EBUSY).
+        #[source]
+        source: io::Error,
+    },
     /// `/dev/vfio/vfio` or the group file is missing: the vfio modules are not loaded.
     #[error("VFIO: {path} does not exist: load the vfio-pci module (`modprobe vfio-pci`) and bind with `nvstack setup`")]
     VfioModule {

@@ -37,6 +37,9 @@ pub(crate) fn classify_open(bdf: &str, path: &std::path::Path, e: std::io::Error
         std::io::ErrorKind::PermissionDenied => {
             DriverError::VfioPermission { bdf: bdf.to_string(), path: path.to_path_buf(), source: e }
         }
+        _ if e.raw_os_error() == Some(libc::EBUSY) => {
+            DriverError::VfioBusy { bdf: bdf.to_string(), path: path.to_path_buf(), source: e }
+        }
         _ => DriverError::Sysfs { op: "opening", path: path.to_path_buf(), source: e },
     }
 }
@@ -50,7 +53,11 @@ impl VfioContainer {
     pub fn open() -> Result<Arc<VfioContainer>, DriverError> {
         let inner = vfio_ioctls::VfioContainer::new(None).map_err(|e| match e {
             vfio_ioctls::VfioError::OpenContainer(io) => classify_open("container", std::path::Path::new("/dev/vfio/vfio"), io),
-            other => DriverError::VfioOpen { bdf: "container".into(), step: "checking the VFIO API and type1v2", source: other },
+            other => DriverError::VfioOpen {
+                bdf: "container".into(),
+                step: "checking the VFIO API and the type1v2 IOMMU (load it: `modprobe vfio_iommu_type1`)",
+                source: other,
+            },
         })?;
         tracing::debug!("VFIO container opened");
         Ok(Arc::new(VfioContainer { inner: Arc::new(inner), mapped: Mutex::new(Vec::new()) }))
@@ -145,5 +152,36 @@ impl Drop for VfioContainer {
                 tracing::warn!(error = %e, "unmapping the arena on container close failed");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_failures_say_what_to_do() {
+        let p = std::path::Path::new("/dev/vfio/3");
+        let e = classify_open("0000:00:04.0", p, std::io::Error::from_raw_os_error(libc::ENOENT));
+        assert!(matches!(e, DriverError::VfioModule { .. }) && e.to_string().contains("modprobe vfio-pci"), "{e}");
+        let e = classify_open("0000:00:04.0", p, std::io::Error::from_raw_os_error(libc::EACCES));
+        assert!(matches!(e, DriverError::VfioPermission { .. }) && e.to_string().contains("run as root"), "{e}");
+        let e = classify_open("0000:00:04.0", p, std::io::Error::from_raw_os_error(libc::EBUSY));
+        assert!(matches!(e, DriverError::VfioBusy { .. }) && e.to_string().contains("another process"), "{e}");
+    }
+
+    #[test]
+    fn an_ordinary_arena_is_refused_before_any_vfio_call() {
+        // No container can be opened on a host without VFIO; the arena check needs none.
+        let arena = Arena::new(crate::dma::ArenaConfig { size_bytes: 2 << 20, require_hugepages: false, try_1g: false });
+        let Ok(arena) = arena else { return };
+        if arena.backing().is_huge() {
+            return; // hugepages reserved on this host: nothing to refuse
+        }
+        let sysfs = super::super::Sysfs::new("/nonexistent");
+        let bdf = "0000:00:04.0".parse().unwrap_or_else(|e| panic!("{e}"));
+        let e = super::super::VfioTransport::open(&sysfs, bdf, &arena).unwrap_err();
+        assert!(matches!(e, DriverError::VfioArenaNotHuge { .. }), "{e}");
+        assert!(e.to_string().contains("nvstack setup"), "{e}");
     }
 }

@@ -59,16 +59,17 @@ impl std::fmt::Debug for VfioDevice {
     }
 }
 
-fn open_err(bdf: &str, step: &'static str, e: vfio_ioctls::VfioError, sysfs: &Sysfs, group: u32) -> DriverError {
+fn open_err(bdf: PciAddress, step: &'static str, e: vfio_ioctls::VfioError, sysfs: &Sysfs, group: u32) -> DriverError {
+    let name = bdf.to_string();
     match e {
-        vfio_ioctls::VfioError::OpenGroup(io, g) => classify_open(bdf, &std::path::Path::new("/dev/vfio").join(g), io),
+        vfio_ioctls::VfioError::OpenGroup(io, g) => classify_open(&name, &std::path::Path::new("/dev/vfio").join(g), io),
         vfio_ioctls::VfioError::GroupViable => {
-            let others = super::sysfs::group_blockers(sysfs, bdf.parse().unwrap_or(PciAddress { domain: 0, bus: 0, device: 0, function: 0 }), group)
+            let others = super::sysfs::group_blockers(sysfs, bdf, group)
                 .map(|b| if b.is_empty() { "another function of the group is in use".to_string() } else { b.join(", ") })
                 .unwrap_or_else(|e| format!("its members could not be read ({e})"));
-            DriverError::VfioGroupNotViable { bdf: bdf.to_string(), group, others }
+            DriverError::VfioGroupNotViable { bdf: name, group, others }
         }
-        other => DriverError::VfioOpen { bdf: bdf.to_string(), step, source: other },
+        other => DriverError::VfioOpen { bdf: name, step, source: other },
     }
 }
 
@@ -97,7 +98,7 @@ impl VfioDevice {
         let ready = check_vfio_ready(sysfs, bdf)?;
         let name = bdf.to_string();
         let dev = vfio_ioctls::VfioDevice::new(&sysfs.device_dir(bdf), container.ops(), false)
-            .map_err(|e| open_err(&name, "opening the group and device", e, sysfs, ready.group))?;
+            .map_err(|e| open_err(bdf, "opening the group and device", e, sysfs, ready.group))?;
 
         // A second handle on the device file, for pread/pwrite with errors reported (vfio-ioctls' region_read
         // and region_write log and drop them).

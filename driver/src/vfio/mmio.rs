@@ -53,7 +53,7 @@ impl MappedBar {
     }
 
     fn word(&self, offset: usize) -> Option<*mut u32> {
-        if offset % 4 != 0 || offset.checked_add(4)? > self.len {
+        if !offset.is_multiple_of(4) || offset.checked_add(4)? > self.len {
             return None;
         }
         // SAFETY: offset + 4 <= len (checked), so the pointer stays inside the mapping (the module invariant).
@@ -127,7 +127,7 @@ impl Bar {
         if let Some(v) = self.map.as_ref().and_then(|m| m.read32(offset)) {
             return v;
         }
-        let Some(at) = self.file_offset(offset, 4).filter(|_| offset % 4 == 0) else {
+        let Some(at) = self.file_offset(offset, 4).filter(|_| offset.is_multiple_of(4)) else {
             tracing::warn!(offset, "BAR read outside the BAR or unaligned");
             return u32::MAX;
         };
@@ -148,7 +148,7 @@ impl Bar {
         if self.map.as_ref().and_then(|m| m.write32(offset, value)).is_some() {
             return;
         }
-        let Some(at) = self.file_offset(offset, 4).filter(|_| offset % 4 == 0) else {
+        let Some(at) = self.file_offset(offset, 4).filter(|_| offset.is_multiple_of(4)) else {
             tracing::warn!(offset, "BAR write outside the BAR or unaligned");
             return;
         };

@@ -336,6 +336,7 @@ pub struct VfioReady {
 /// - [`DriverError::VfioGroupNotViable`]: another function of the group is bound to a host driver;
 /// - [`DriverError::VfioModule`]: `/dev/vfio/GROUP` is missing;
 /// - [`DriverError::VfioPermission`]: `/dev/vfio/GROUP` exists but cannot be opened for reading and writing;
+/// - [`DriverError::VfioBusy`]: another process holds the group;
 /// - [`DriverError::Sysfs`]: an attribute could not be read.
 pub fn check_vfio_ready(sysfs: &Sysfs, bdf: PciAddress) -> Result<VfioReady, DriverError> {
     let dir = sysfs.device_dir(bdf);
@@ -353,17 +354,14 @@ pub fn check_vfio_ready(sysfs: &Sysfs, bdf: PciAddress) -> Result<VfioReady, Dri
         return Err(DriverError::VfioGroupNotViable { bdf: bdf.to_string(), group, others: blockers.join(", ") });
     }
     let group_file = sysfs.vfio_group_file(group);
-    // Open read-write, as VFIO will: this tells a missing module apart from a permission problem.
-    match std::fs::OpenOptions::new().read(true).write(true).open(&group_file) {
-        Ok(_) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(DriverError::VfioModule { path: group_file, source: e });
+    // Open read-write, as VFIO will: this tells a missing module, a permission problem and a busy group apart.
+    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open(&group_file) {
+        let fatal = matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::PermissionDenied)
+            || e.raw_os_error() == Some(libc::EBUSY);
+        if fatal {
+            return Err(super::container::classify_open(&bdf.to_string(), &group_file, e));
         }
-        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
-            return Err(DriverError::VfioPermission { bdf: bdf.to_string(), path: group_file, source: e });
-        }
-        // EBUSY: another process holds the group; the real open reports it with its own error.
-        Err(e) => tracing::debug!(bdf = %bdf, error = %e, "vfio group file: open check failed, leaving it to VFIO"),
+        tracing::debug!(bdf = %bdf, error = %e, "vfio group file: open check failed, leaving it to VFIO");
     }
     Ok(VfioReady { bdf, group, group_file })
 }
