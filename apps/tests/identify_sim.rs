@@ -96,3 +96,18 @@ fn vfio_errors_say_what_to_do() {
     let o = nvstack(&["identify"], Some(t2.root()));
     assert!(text(&o).contains("no NVMe function is bound to vfio-pci"), "{}", text(&o));
 }
+
+#[test]
+fn a_ready_function_on_a_host_without_vfio_fails_clearly() {
+    // Bound to vfio-pci with an IOMMU group and a group file in the fake tree: the sysfs checks pass, and what
+    // fails next is real: no hugepages reserved on this host, or no /dev/vfio/vfio. Both name the fix.
+    let t = FakeTree::new();
+    t.add_nvme("0000:00:04.0", Some("vfio-pci"), Some(3));
+    t.add_vfio_group_file(3);
+    let o = nvstack(&["identify", "0000:00:04.0"], Some(t.root()));
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    let hugepages = out.contains("hugepages are required for DMA") && out.contains("nvstack setup");
+    let module = out.contains("/dev/vfio/vfio does not exist") && out.contains("modprobe vfio-pci");
+    assert!(hugepages || module, "{out}");
+}
