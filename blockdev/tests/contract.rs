@@ -68,7 +68,20 @@ impl Drop for TempDir {
     }
 }
 
+/// Whether this process may use io_uring (container seccomp profiles and `kernel.io_uring_disabled` can refuse it).
+fn uring_refused() -> Option<String> {
+    match io_uring::IoUring::new(2) {
+        Ok(_) => None,
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::ENOSYS | libc::EACCES)) => Some(e.to_string()),
+        Err(_) => None,
+    }
+}
+
 fn run_file(parent: &str, tag: &str, size: &str, opts_suffix: &str) -> Option<ContractReport> {
+    if let Some(why) = uring_refused() {
+        eprintln!("SKIPPED file contract in {parent}: io_uring is refused in this environment ({why})");
+        return None;
+    }
     let Some(dir) = TempDir::new(parent, tag) else {
         eprintln!("skipping file contract in {parent}: cannot create a directory there");
         return None;
