@@ -287,6 +287,8 @@ pub struct CacheChannel {
     last_wb_error: Option<IoError>,
     wb_cursor: u64,
     wb_max_bytes: u64,
+    /// Flush requests in FlushScan or FlushWait (so poll scans the slots only when there are some).
+    flushes_waiting: u32,
     last_periodic: Instant,
     interval: Duration,
     dirty_high_bytes: u64,
@@ -371,6 +373,7 @@ impl CacheChannel {
             last_wb_error: None,
             wb_cursor: 0,
             wb_max_bytes,
+            flushes_waiting: 0,
             last_periodic: Instant::now(),
             interval: dev.cfg.writeback_interval,
             dirty_high_bytes: u64::from(npages) * PAGE_BYTES * u64::from(dev.cfg.dirty_high_pct.min(100)) / 100,
@@ -391,6 +394,9 @@ impl CacheChannel {
 
     fn complete(&mut self, r: u32, status: IoStatus) {
         let req = &mut self.reqs[r as usize];
+        if matches!(req.step, Step::FlushScan | Step::FlushWait) {
+            self.flushes_waiting -= 1;
+        }
         if let Some(mut io) = req.io.take() {
             io.status = status;
             self.done.push(io);
@@ -700,6 +706,7 @@ impl CacheChannel {
                 req.step = Step::FlushScan;
                 req.cursor = 0;
                 req.errs_at_start = self.wb_errors;
+                self.flushes_waiting += 1;
                 self.flush_scan(r);
             }
             IoOp::Read if !flags.contains(IoFlags::DIRECT) => {
@@ -919,14 +926,14 @@ impl CacheChannel {
             return self.complete(r, IoStatus::Failed(e));
         }
         if self.bfeat.flush {
-            self.reqs[r as usize].step = Step::Io;
-            if let Err(e) = self.start_job(JobKind::BackingFlush, r, IoOp::Flush, 0, 0, IoFlags::NONE, false) {
-                if e == IoError::Aborted {
-                    // No I/O slot: wait and try again.
-                    self.reqs[r as usize].step = Step::FlushWait;
-                    return;
+            match self.start_job(JobKind::BackingFlush, r, IoOp::Flush, 0, 0, IoFlags::NONE, false) {
+                Ok(()) => {
+                    self.reqs[r as usize].step = Step::Io;
+                    self.flushes_waiting -= 1;
                 }
-                self.complete(r, IoStatus::Failed(e));
+                // No I/O slot: stay in FlushWait and try again at the next poll.
+                Err(IoError::Aborted) => {}
+                Err(e) => self.complete(r, IoStatus::Failed(e)),
             }
             return;
         }
@@ -1090,11 +1097,13 @@ impl IoChannel for CacheChannel {
                 self.begin(r);
             }
         }
-        for r in 0..self.reqs.len() as u32 {
-            match self.reqs[r as usize].step {
-                Step::FlushScan => self.flush_scan(r),
-                Step::FlushWait => self.flush_wait(r),
-                _ => {}
+        if self.flushes_waiting > 0 {
+            for r in 0..self.reqs.len() as u32 {
+                match self.reqs[r as usize].step {
+                    Step::FlushScan => self.flush_scan(r),
+                    Step::FlushWait => self.flush_wait(r),
+                    _ => {}
+                }
             }
         }
         self.run_ready();

@@ -519,3 +519,28 @@ fn reverse_queries_name_pages_state_and_tag() {
     assert_eq!(ch.device_range_of(r.arena.size_bytes() - 1), None);
     assert!(r.cache.open_channel(ChannelOpts { reactor_index: 1, queue_depth: 8 }).is_err(), "one channel for now");
 }
+
+#[test]
+fn periodic_writeback_cleans_without_a_flush() {
+    let cfg = CacheConfig { writeback_interval: Duration::from_millis(5), dirty_high_pct: 100, ..Default::default() };
+    let mut r = rig(1 << 20, 256 * 1024, false, cfg);
+    let mut ch = r.cache.open_cache_channel(ChannelOpts { reactor_index: 0, queue_depth: 8 }).unwrap();
+    let ios = (0..8u64).map(|p| desc(&mut r.pool, IoOp::Write, p * 2 * PAGE, PAGE, IoFlags::NONE, 9)).collect();
+    for io in run_all(ch.as_mut(), ios) {
+        assert_eq!(io.status, IoStatus::Success);
+        recycle(&mut r.pool, io);
+    }
+    assert_eq!(r.cache.stats().dirty_bytes.load(Ordering::Relaxed), 8 * PAGE);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut out = Vec::with_capacity(4);
+    while ch.tree().total(Bits::DIRTY) > 0 && Instant::now() < deadline {
+        ch.poll(&mut out);
+    }
+    assert_eq!(ch.tree().total(Bits::DIRTY), 0, "the interval writeback must clean everything");
+    assert_eq!(r.counting.writes.load(Ordering::Relaxed), 8, "8 separate clusters");
+    let got = stamps(&backing_contents(&mut r)[..(16 * PAGE) as usize], 0);
+    for p in 0..16u64 {
+        let want = if p % 2 == 0 { 9 } else { 0 };
+        assert!(got[(p * 8) as usize..((p + 1) * 8) as usize].iter().all(|&s| s == want), "page {p}");
+    }
+}
