@@ -229,8 +229,13 @@ impl Harness {
             (Err(r), false) => (Verdict::Failed, Some(r), Some(tail_text())),
             (Err(r), true) => {
                 let want = s.expect_failure_match.as_deref().unwrap_or_default();
-                if r.contains(want) {
-                    (Verdict::FailedAsExpected, Some(r), Some(tail_text()))
+                let tail = tail_text();
+                let console_want = s.expect_failure_console.as_deref().unwrap_or_default();
+                if r.contains(want) && tail.contains(console_want) {
+                    (Verdict::FailedAsExpected, Some(r), Some(tail))
+                } else if r.contains(want) {
+                    let why = format!("failed as expected, but the attached console lacks {console_want:?}: {r}");
+                    (Verdict::Failed, Some(why), Some(tail))
                 } else {
                     (Verdict::Failed, Some(format!("failed, but not with {want:?}: {r}")), Some(tail_text()))
                 }

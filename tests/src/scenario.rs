@@ -46,6 +46,10 @@ pub struct Scenario {
     /// of an unrelated failure (a boot that never happened).
     #[serde(default)]
     pub expect_failure_match: Option<String>,
+    /// With `expect_failure`: a substring the console log attached to the failure must contain (shows that a
+    /// failure comes with the guest's log, e.g. the panic message).
+    #[serde(default)]
+    pub expect_failure_console: Option<String>,
     /// Set in files under `pending/`: why the scenario does not run yet (it is listed as NOT RUN).
     #[serde(default)]
     pub pending: Option<String>,

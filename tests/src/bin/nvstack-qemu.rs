@@ -140,6 +140,15 @@ fn main() -> ExitCode {
         if let Some(r) = &o.reason {
             println!("  reason: {r}");
         }
+        if o.verdict == Verdict::FailedAsExpected && !args.console {
+            // Show that the failure came with the guest's console: its last lines.
+            if let Some(t) = &o.console_tail {
+                println!("  console attached to the expected failure, last lines:");
+                for l in nvstack_tests::host::tail(t, 6).lines() {
+                    println!("  | {l}");
+                }
+            }
+        }
         if o.verdict == Verdict::Failed || args.console {
             if let Some(t) = &o.console_tail {
                 println!("{t}");
