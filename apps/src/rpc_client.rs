@@ -66,6 +66,11 @@ pub fn run(args: RpcArgs, _g: &GlobalOpts) -> Result<ExitCode, AppError> {
     }
     let result = reply.get("result").cloned().unwrap_or(Value::Null);
     let text = serde_json::to_string_pretty(&result).unwrap_or_default();
-    println!("{text}");
-    Ok(ExitCode::SUCCESS)
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{text}").and_then(|()| out.flush()) {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        // A reader that stopped early (`| head`, `| grep -q`) is not an error of ours.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(ExitCode::SUCCESS),
+        Err(e) => Err(AppError::Output(e)),
+    }
 }

@@ -375,6 +375,26 @@ impl Conn {
         matches!(self.phase, Phase::Transmission)
     }
 
+    /// Close now (server stopping during the handshake).
+    pub fn abort(&mut self, why: &str) {
+        self.close(why);
+    }
+
+    /// The socket's file descriptor (for the reactor's epoll set).
+    pub fn fd(&self) -> i32 {
+        self.stream.fd()
+    }
+
+    /// Whether the connection has work that needs polling rather than waiting for socket readiness.
+    pub fn needs_polling(&self) -> bool {
+        self.outstanding > 0
+            || !self.retry.is_empty()
+            || !self.running.is_empty()
+            || !self.replies.is_empty()
+            || self.out_pos < self.out.len()
+            || self.dead
+    }
+
     /// Whether the connection is still in the handshake.
     pub fn in_handshake(&self) -> bool {
         matches!(self.phase, Phase::Handshake(..))

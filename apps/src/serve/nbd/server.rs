@@ -33,6 +33,9 @@ pub struct NbdConfig {
     pub unix: Option<PathBuf>,
     /// Most connections at once (each holds `BUFS_PER_CONN` × `CHUNK_BYTES` of the arena).
     pub max_connections: usize,
+    /// When a reactor's NBD work is idle (no I/O in flight), wait this long in epoll for a socket to become
+    /// readable instead of spinning (0: pure busy polling, SPDK style).
+    pub idle_wait_ms: i32,
 }
 
 impl NbdConfig {
@@ -106,7 +109,15 @@ pub fn start(cfg: &NbdConfig, arena: &Arc<Arena>, reactors: &Reactors, registry:
     for i in 0..n {
         let inbox = Arc::new(ArrayQueue::new(cfg.max_connections.max(1)));
         inboxes.push(Arc::clone(&inbox));
+        // SAFETY: epoll_create1 with a valid flag; the fd is owned by the poller and closed in its Drop.
+        let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if epfd < 0 {
+            return Err(AppError::Listen { what: "epoll".into(), source: std::io::Error::last_os_error() });
+        }
         let p = ReactorPoller {
+            epfd,
+            idle_rounds: 0,
+            wait_ms: cfg.idle_wait_ms,
             inbox,
             free: Arc::clone(&free),
             registry: Arc::clone(&registry),
@@ -208,6 +219,9 @@ struct ChanEntry {
 }
 
 struct ReactorPoller {
+    epfd: i32,
+    idle_rounds: u32,
+    wait_ms: i32,
     inbox: Arc<ArrayQueue<(Stream, ConnRes)>>,
     free: Arc<ArrayQueue<ConnRes>>,
     registry: Arc<Registry>,
@@ -215,6 +229,16 @@ struct ReactorPoller {
     chans: Vec<Option<ChanEntry>>,
     done: Vec<Box<IoDesc>>,
 }
+
+impl Drop for ReactorPoller {
+    fn drop(&mut self) {
+        // SAFETY: closing the epoll fd this poller created and owns.
+        unsafe { libc::close(self.epfd) };
+    }
+}
+
+/// Idle rounds before a reactor waits in epoll.
+const IDLE_ROUNDS_BEFORE_WAIT: u32 = 2;
 
 /// Queue depth of a reactor's channel to one bdev.
 const CHANNEL_QUEUE_DEPTH: u32 = 1024;
@@ -253,6 +277,9 @@ impl Poller for ReactorPoller {
         while let Some((s, res)) = self.inbox.pop() {
             let idx = self.conns.iter().position(Option::is_none).unwrap_or(self.conns.len());
             let c = Conn::new(s, res, idx);
+            let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: idx as u64 };
+            // SAFETY: valid epoll fd, the connection's open socket fd, and a valid event struct.
+            unsafe { libc::epoll_ctl(self.epfd, libc::EPOLL_CTL_ADD, c.fd(), &mut ev) };
             if idx == self.conns.len() {
                 self.conns.push(Some(c));
             } else {
@@ -277,6 +304,9 @@ impl Poller for ReactorPoller {
         }
         for i in 0..self.conns.len() {
             let Some(c) = self.conns[i].as_mut() else { continue };
+            if c.in_handshake() && stopping {
+                c.abort("server stopping");
+            }
             if c.in_handshake() {
                 let (b, step) = c.poll_handshake(&self.registry);
                 busy |= b;
@@ -312,6 +342,8 @@ impl Poller for ReactorPoller {
             }
             if c.finished() {
                 let chan = c.chan;
+                // SAFETY: removing the still-open socket fd from our epoll set.
+                unsafe { libc::epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, c.fd(), std::ptr::null_mut()) };
                 if let Some(res) = c.take_res() {
                     let _ = self.free.push(res);
                 }
@@ -334,9 +366,23 @@ impl Poller for ReactorPoller {
             return PollOutcome::Done;
         }
         if busy {
-            PollOutcome::Busy
-        } else {
-            PollOutcome::Idle
+            self.idle_rounds = 0;
+            return PollOutcome::Busy;
         }
+        self.idle_rounds = self.idle_rounds.saturating_add(1);
+        if self.wait_ms > 0
+            && !stopping
+            && self.idle_rounds > IDLE_ROUNDS_BEFORE_WAIT
+            && self.chans.iter().flatten().all(|c| c.ch.outstanding() == 0)
+            && self.conns.iter().flatten().all(|c| !c.needs_polling())
+        {
+            // Interrupt mode: nothing is in flight, so sleep until a socket is readable (or a short deadline,
+            // for new connections and the stop flag).
+            let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 16];
+            // SAFETY: valid epoll fd and a valid event array of the given length.
+            unsafe { libc::epoll_wait(self.epfd, evs.as_mut_ptr(), 16, self.wait_ms) };
+            self.idle_rounds = 0;
+        }
+        PollOutcome::Idle
     }
 }

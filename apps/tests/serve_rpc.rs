@@ -1,0 +1,108 @@
+//! JSON-RPC and SPDK JSON config: methods, error objects, save_config round trip, `nvstack rpc`, bad configs.
+
+mod serve_common;
+
+use std::process::Command;
+
+use serde_json::json;
+use serve_common::*;
+
+#[test]
+fn rpc_methods_errors_and_save_config_round_trip() {
+    let s = Server::start("rpc", &["--volume", "malloc:8M"]);
+    let v = s.rpc("spdk_get_version", json!(null));
+    assert!(v["result"]["version"].as_str().unwrap().starts_with("nvstack v"), "{v}");
+    // Unknown method: -32601. Bad params: -32602. Missing device: -19.
+    let v = s.rpc("bdev_frobnicate", json!({}));
+    assert_eq!(v["error"]["code"], -32601, "{v}");
+    let v = s.rpc("bdev_malloc_create", json!({"num_blocks": "lots"}));
+    assert_eq!(v["error"]["code"], -32602, "{v}");
+    let v = s.rpc("bdev_malloc_create", json!({"num_blocks": 16, "block_size": 512, "colour": "red"}));
+    assert_eq!(v["error"]["code"], -32602);
+    assert!(v["error"]["message"].as_str().unwrap().contains("colour"), "{v}");
+    let v = s.rpc("bdev_get_bdevs", json!({"name": "nope"}));
+    assert_eq!(v["error"]["code"], -19);
+    // SPDK shapes.
+    let v = s.rpc("bdev_malloc_create", json!({"name": "Malloc7", "num_blocks": 32768, "block_size": 512}));
+    assert_eq!(v["result"], "Malloc7", "{v}");
+    let v = s.rpc("bdev_null_create", json!({"name": "Null3", "num_blocks": 1024, "block_size": 4096}));
+    assert_eq!(v["result"], "Null3", "{v}");
+    let v = s.rpc("bdev_get_bdevs", json!({"name": "Malloc7"}));
+    let b = &v["result"][0];
+    assert_eq!(b["num_blocks"], 32768);
+    assert_eq!(b["block_size"], 512);
+    assert_eq!(b["product_name"], "Malloc disk");
+    assert_eq!(b["supported_io_types"]["read"], true);
+    let v = s.rpc("nvstack_export_create", json!({"name": "m7", "bdev_name": "Malloc7", "description": "ram"}));
+    assert_eq!(v["result"], true, "{v}");
+    let v = s.rpc("nvstack_export_create", json!({"name": "m7", "bdev_name": "Malloc7"}));
+    assert_eq!(v["error"]["code"], -17);
+    // An exported bdev cannot be deleted.
+    let v = s.rpc("bdev_malloc_delete", json!({"name": "Malloc7"}));
+    assert_eq!(v["error"]["code"], -16, "{v}");
+    // I/O through the new export shows in the iostat.
+    let mut c = RawClient::connect(&s.nbd_sock, "m7", false);
+    c.send(0, 1, 1, 0, 4096, &[9u8; 4096]);
+    assert_eq!(c.reply().0, 0);
+    drop(c);
+    let v = s.rpc("bdev_get_iostat", json!({"name": "Malloc7"}));
+    assert_eq!(v["result"]["bdevs"][0]["num_write_ops"], 1, "{v}");
+    assert_eq!(v["result"]["bdevs"][0]["bytes_written"], 4096);
+    let v = s.rpc("nvstack_get_stats", json!({}));
+    assert!(v["result"]["exports"].as_array().unwrap().iter().any(|e| e["name"] == "m7" && e["iostat"]["num_write_ops"] == 1));
+    let v = s.rpc("framework_get_reactors", json!({}));
+    assert_eq!(v["result"]["reactors"].as_array().unwrap().len(), 1);
+    let v = s.rpc("nvstack_export_list", json!({}));
+    assert_eq!(v["result"].as_array().unwrap().len(), 2);
+    // save_config, through the `nvstack rpc` client (as rpc.py), then restart from it.
+    let out = run_ok(Command::new(BIN).args(["rpc", "-s"]).arg(&s.rpc_sock).arg("save_config"));
+    let cfg: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(cfg["subsystems"][0]["subsystem"], "bdev");
+    let cfg_path = s.dir.join("saved.json");
+    std::fs::write(&cfg_path, &out).unwrap();
+    // The client reports an error reply with a clear message and a failing status.
+    let o = Command::new(BIN).args(["rpc", "-s"]).arg(&s.rpc_sock).arg("no_such_method").output().unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not found"), "{}", String::from_utf8_lossy(&o.stderr));
+    let v = s.rpc("nvstack_export_delete", json!({"name": "m7"}));
+    assert_eq!(v["result"], true);
+    let v = s.rpc("bdev_malloc_delete", json!({"name": "Malloc7"}));
+    assert_eq!(v["result"], true, "{v}");
+    assert!(s.stop().success());
+
+    let s2 = Server::start("rpc2", &["-c", cfg_path.to_str().unwrap()]);
+    let v = s2.rpc("bdev_get_bdevs", json!({}));
+    let names: Vec<&str> = v["result"].as_array().unwrap().iter().map(|b| b["name"].as_str().unwrap()).collect();
+    assert!(names.contains(&"Malloc7") && names.contains(&"Null3"), "{names:?}");
+    let v = s2.rpc("nvstack_export_list", json!({}));
+    assert!(v["result"].as_array().unwrap().iter().any(|e| e["name"] == "m7"));
+    assert!(s2.stop().success());
+}
+
+#[test]
+fn invalid_config_files_give_clear_errors() {
+    let d = tmpdir("badcfg");
+    let cases = [
+        ("{ not json", "not valid JSON"),
+        ("{\"subsystems\": 3}", "subsystems"),
+        ("{\"subsystems\":[{\"subsystem\":\"bdev\",\"config\":[{\"method\":\"bdev_frob\",\"params\":{}}]}]}", "bdev_frob"),
+        (
+            "{\"subsystems\":[{\"subsystem\":\"bdev\",\"config\":[{\"method\":\"bdev_malloc_create\",\"params\":{\"name\":\"M\"}}]}]}",
+            "num_blocks",
+        ),
+    ];
+    for (i, (text, want)) in cases.iter().enumerate() {
+        let p = d.join(format!("c{i}.json"));
+        std::fs::write(&p, text).unwrap();
+        let o = Command::new(BIN)
+            .args(["serve", "--no-tcp", "-c"])
+            .arg(&p)
+            .arg("--data-dir")
+            .arg(d.join(format!("data{i}")))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "bad config {i} must exit 2: {err}");
+        assert!(err.contains(want) && err.contains(p.to_str().unwrap()), "error for config {i} should name {want:?} and the file: {err}");
+    }
+}
