@@ -230,6 +230,8 @@ struct Req {
     end: u64,
     pending: u32,
     err: Option<IoError>,
+    /// Some backing I/O could not start for want of an I/O slot: when the started ones finish, back off and retry.
+    starved: bool,
     cursor: u64,
     seq_limit: u64,
     errs_at_start: u64,
@@ -339,6 +341,7 @@ impl CacheChannel {
                 end: 0,
                 pending: 0,
                 err: None,
+                starved: false,
                 cursor: 0,
                 seq_limit: 0,
                 errs_at_start: 0,
@@ -382,8 +385,9 @@ impl CacheChannel {
     }
 
     fn tag(&self) -> Tag {
-        let secs = self.epoch.elapsed().as_millis();
-        Tag { client: self.client, time: u32::try_from(secs).unwrap_or(u32::MAX) }
+        // Milliseconds since the channel opened (u32: 49 days, then it saturates).
+        let ms = self.epoch.elapsed().as_millis();
+        Tag { client: self.client, time: u32::try_from(ms).unwrap_or(u32::MAX) }
     }
 
     fn publish_dirty(&self) {
@@ -611,6 +615,8 @@ impl CacheChannel {
         }
         match req.err {
             Some(e) => self.fail_locked(r, e),
+            // The runs that started are UPTODATE now; the rest start when the request runs again.
+            None if req.starved => self.retry_later(r),
             None => {
                 self.copy_user(r, false);
                 let (s, e) = req_range(&self.reqs[r as usize]);
@@ -652,6 +658,7 @@ impl CacheChannel {
         if req.pending == 0 {
             match req.err {
                 Some(e) => self.fail_locked(r, e),
+                None if req.starved => self.retry_later(r),
                 None => self.direct_main(r),
             }
         }
@@ -746,6 +753,7 @@ impl CacheChannel {
         let (s, e) = req_range(&self.reqs[r as usize]);
         self.reqs[r as usize].step = Step::Io;
         self.reqs[r as usize].err = None;
+        self.reqs[r as usize].starved = false;
         if flags.contains(IoFlags::DIRECT) {
             return self.direct_begin(r, op);
         }
@@ -782,6 +790,10 @@ impl CacheChannel {
                         runs += 1;
                         self.stats.fill_ios.fetch_add(1, Ordering::Relaxed);
                     }
+                    Err(IoError::Aborted) => {
+                        self.reqs[r as usize].starved = true;
+                        break;
+                    }
                     Err(er) => {
                         self.reqs[r as usize].err = Some(er);
                         break;
@@ -796,7 +808,7 @@ impl CacheChannel {
         self.reqs[r as usize].pending = runs;
         if runs == 0 {
             match self.reqs[r as usize].err {
-                Some(IoError::Aborted) => self.retry_later(r),
+                None if self.reqs[r as usize].starved => self.retry_later(r),
                 Some(er) => self.fail_locked(r, er),
                 None => {
                     self.copy_user(r, false);
@@ -862,13 +874,17 @@ impl CacheChannel {
             }
             let b = b.min(e);
             if let Err(er) = self.tree.set(a, b, Bits::WRITEBACK, Tag::NONE) {
-                self.reqs[r as usize].err = Some(IoError::Aborted);
-                tracing::error!(error = %er, "cache: direct read writeback: state tree full");
+                self.reqs[r as usize].starved = true;
+                tracing::warn!(error = %er, "cache: direct read writeback: state tree full; retrying");
                 break;
             }
             if let Err(er) = self.start_job(JobKind::Writeback, r, IoOp::Write, a, b, IoFlags::NONE, true) {
                 let _ = self.tree.clear(a, b, Bits::WRITEBACK);
-                self.reqs[r as usize].err = Some(er);
+                if er == IoError::Aborted {
+                    self.reqs[r as usize].starved = true;
+                } else {
+                    self.reqs[r as usize].err = Some(er);
+                }
                 break;
             }
             n += 1;
@@ -877,7 +893,7 @@ impl CacheChannel {
         self.reqs[r as usize].pending = n;
         if n == 0 {
             match self.reqs[r as usize].err {
-                Some(IoError::Aborted) => self.retry_later(r),
+                None if self.reqs[r as usize].starved => self.retry_later(r),
                 Some(er) => self.fail_locked(r, er),
                 None => self.direct_main(r),
             }
@@ -984,7 +1000,7 @@ impl CacheChannel {
                 Ok(false) if self.free_jobs.is_empty() => return,
                 _ => {}
             }
-            self.wb_cursor = b.max(x.end.min(b));
+            self.wb_cursor = b;
         }
     }
 

@@ -544,3 +544,26 @@ fn periodic_writeback_cleans_without_a_flush() {
         assert!(got[(p * 8) as usize..((p + 1) * 8) as usize].iter().all(|&s| s == want), "page {p}");
     }
 }
+
+#[test]
+fn a_miss_with_more_runs_than_io_slots_backs_off_and_finishes() {
+    // Queue depth 1: 10 backing I/O slots. Cache every other page, then read 32 pages: 16 missing runs.
+    let mut r = rig(1 << 20, 512 * 1024, false, CacheConfig::default());
+    let mut ch = r.cache.open_cache_channel(ChannelOpts { reactor_index: 0, queue_depth: 1 }).unwrap();
+    for p in (0..32u64).step_by(2) {
+        let io = desc(&mut r.pool, IoOp::Write, p * PAGE, PAGE, IoFlags::NONE, 11);
+        let io = run_all(ch.as_mut(), vec![io]).pop().unwrap();
+        assert_eq!(io.status, IoStatus::Success);
+        recycle(&mut r.pool, io);
+    }
+    let io = desc(&mut r.pool, IoOp::Read, 0, 32 * PAGE, IoFlags::NONE, 0);
+    let io = run_all(ch.as_mut(), vec![io]).pop().unwrap();
+    assert_eq!(io.status, IoStatus::Success);
+    let got = stamps(&read_back(&io), 0);
+    for p in 0..32usize {
+        let want = if p % 2 == 0 { 11 } else { 0 };
+        assert!(got[p * 8..(p + 1) * 8].iter().all(|&s| s == want), "page {p}");
+    }
+    recycle(&mut r.pool, io);
+    assert_eq!(r.counting.reads.load(Ordering::Relaxed), 16, "one backing read per missing run");
+}
