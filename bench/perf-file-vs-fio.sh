@@ -2,6 +2,9 @@
 # 4 KiB random reads at QD32 on a 1 GiB file in /dev/shm, one core: nvstack perf's file bdev (io_uring) against
 # fio's io_uring engine on the same file, alternating A/B for ROUNDS rounds each, then the medians.
 #
+# Printed per round: wall-clock IOPS of each, and IOPS per CPU second (nvstack: the reactor thread's CPU time;
+# fio: its usr+sys CPU share of the job), which is fairer when other processes share the machine.
+#
 # Env: ROUNDS (default 3), SECONDS_PER_RUN (default 5), FILE (default /dev/shm/nvstack-bench.img).
 source "$(dirname "$0")/common.sh"
 ROUNDS="${ROUNDS:-3}"
@@ -27,14 +30,22 @@ echo "A: ${nv_cmd[*]}"
 echo "B: ${fio_cmd[*]}"
 nv=()
 fi_=()
+nvc=()
+fic=()
 for r in $(seq 1 "$ROUNDS"); do
-    a="$("${nv_cmd[@]}" 2>/dev/null | json_get 'd["total"]["iops"]')"
-    b="$("${fio_cmd[@]}" 2>/dev/null | json_get 'd["jobs"][0]["read"]["iops"]')"
+    read -r a ac < <("${nv_cmd[@]}" 2>/dev/null | json_get '"%f %f" % (d["total"]["iops"], d["total"]["iops_per_cpu_s"])')
+    read -r b bc < <("${fio_cmd[@]}" 2>/dev/null | json_get \
+        '"%f %f" % (d["jobs"][0]["read"]["iops"], d["jobs"][0]["read"]["iops"] * 100 / max(d["jobs"][0]["usr_cpu"] + d["jobs"][0]["sys_cpu"], 1e-9))')
     nv+=("$a")
     fi_+=("$b")
-    printf 'round %d: nvstack %12.0f IOPS   fio %12.0f IOPS\n' "$r" "$a" "$b"
+    nvc+=("$ac")
+    fic+=("$bc")
+    printf 'round %d: nvstack %10.0f IOPS (%10.0f per CPU s)   fio %10.0f IOPS (%10.0f per CPU s)\n' "$r" "$a" "$ac" "$b" "$bc"
 done
 ma="$(printf '%s\n' "${nv[@]}" | median)"
 mb="$(printf '%s\n' "${fi_[@]}" | median)"
-printf 'median:  nvstack %12.0f IOPS   fio %12.0f IOPS   ratio nvstack/fio %.2f\n' "$ma" "$mb" \
-    "$(python3 -c "print($ma / $mb if $mb else 0)")"
+mac="$(printf '%s\n' "${nvc[@]}" | median)"
+mbc="$(printf '%s\n' "${fic[@]}" | median)"
+printf 'median:  nvstack %10.0f IOPS (%10.0f per CPU s)   fio %10.0f IOPS (%10.0f per CPU s)\n' "$ma" "$mac" "$mb" "$mbc"
+python3 -c "print(f'ratio nvstack/fio: {$ma / $mb if $mb else 0:.2f} wall-clock, {$mac / $mbc if $mbc else 0:.2f} per CPU second')"
+echo "(load average now: $(cut -d' ' -f1 /proc/loadavg) on $(nproc) CPUs)"

@@ -233,7 +233,7 @@ impl PerfConfig {
     /// [`AppError::Usage`] naming the mismatch.
     pub fn check_device(&self, name: &str, geo: &Geometry) -> Result<(), AppError> {
         let bs = geo.block_size;
-        if bs == 0 || self.io_bytes % bs != 0 {
+        if bs == 0 || !self.io_bytes.is_multiple_of(bs) {
             return Err(AppError::Usage(format!(
                 "I/O size -o {} is not a multiple of {name}'s block size {bs}",
                 self.io_bytes

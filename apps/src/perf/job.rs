@@ -162,8 +162,10 @@ pub struct Job {
     p: JobParams,
     ch: Box<dyn IoChannel>,
     /// Descriptors not in flight (all of them at start; afterwards only those refused with Busy or parked at the end).
+    #[allow(clippy::vec_box)] // the channel API moves boxed descriptors in and out: no re-boxing, no copies
     free: Vec<Box<IoDesc>>,
     /// Completions reaped by one poll.
+    #[allow(clippy::vec_box)] // as above
     done: Vec<Box<IoDesc>>,
     phase: Phase,
     rng: WyRand,

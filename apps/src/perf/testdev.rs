@@ -91,7 +91,7 @@ impl ScrambleChannel {
             IoOp::Read => {
                 buf.write_at(0, &data[off..off + len]).unwrap();
                 self.reads += 1;
-                if self.corrupt_every.is_some_and(|n| self.reads % n == 0) {
+                if self.corrupt_every.is_some_and(|n| self.reads.is_multiple_of(n)) {
                     let b = buf.read_u64(64).unwrap();
                     buf.write_u64(64, b ^ 0x100).unwrap();
                 }
@@ -120,7 +120,7 @@ impl IoChannel for ScrambleChannel {
         let mut n = 0;
         let mut i = 0;
         while i < self.pending.len() && out.len() < out.capacity() {
-            if self.rand() % 3 == 0 {
+            if self.rand().is_multiple_of(3) {
                 let k = (self.rand() % self.pending.len() as u64) as usize;
                 let mut io = self.pending.swap_remove(k);
                 self.execute(&mut io);

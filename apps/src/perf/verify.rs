@@ -16,6 +16,7 @@
 //! - Reads of slots never written: not checked (counted as `unchecked_reads`), except that read-only workloads with
 //!   `--verify` first pre-fill each core's slice (generation 1), so every read is checked.
 //! - A write that fails leaves its slot unknown: later reads of it are not checked (counted), the error is counted.
+//!
 //! Any mismatch is counted, the first [`MAX_REPORTED`] are kept with LBA, expected and found values, and the run
 //! exits with status 1.
 
