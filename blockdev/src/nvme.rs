@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex, Weak};
 use nvstack_driver::nvme::prp::DmaSeg;
 use nvstack_driver::nvme::sim::{SimConfig, SimController, SimNamespace};
 use nvstack_driver::nvme::spec::oncs;
+use nvstack_driver::nvme::qpair::FastFail;
 use nvstack_driver::nvme::{Controller, CtrlrOpts, IoCmd, IoFailure, IoQpair, NvmOp, QpairOpts, SubmitFail, Transport};
 use nvstack_driver::dma::Arena;
 
@@ -30,6 +31,8 @@ pub const MAX_SPLIT: u32 = 16;
 pub const MAX_TRANSFER_BYTES: u32 = 1 << 20;
 /// Most segments per request.
 pub const MAX_SEGMENTS: u32 = 128;
+/// Segment alignment the bdev asks for (PRP entries are dword aligned): `buf_align_bytes - 1`.
+const ALIGN_MASK: usize = 3;
 /// Channel polls between services of the admin queue (asynchronous events), on reactor 0's channel.
 const EVENT_POLL_INTERVAL: u32 = 4096;
 
@@ -87,7 +90,7 @@ impl NvmeBdev {
             block_count: ns.block_count,
             max_transfer_bytes: max_transfer & !(ns.block_size - 1),
             optimal_boundary_bytes: u32::from(ns.optimal_boundary_blocks).saturating_mul(ns.block_size),
-            buf_align_bytes: 4,
+            buf_align_bytes: ALIGN_MASK as u32 + 1,
             max_segments: MAX_SEGMENTS,
         };
         let feat = Features {
@@ -139,7 +142,7 @@ impl BlockDev for NvmeBdev {
             .ctrl
             .io_qpair(QpairOpts { depth, commands })
             .map_err(|e| BdevError::Channel { name: self.name.clone(), reason: e.to_string() })?;
-        let slots = usize::from(qp.depth());
+        let slots = qp.slots();
         Ok(Box::new(NvmeChannel {
             qp,
             table: (0..slots).map(|_| None).collect(),
@@ -148,6 +151,7 @@ impl BlockDev for NvmeBdev {
             geo: self.geo,
             feat: self.feat,
             depth: u32::from(depth),
+            max_blocks_per_io: u64::from(self.geo.max_transfer_bytes >> self.lba_shift),
             polls: 0,
             services_events: opts.reactor_index == 0,
         }))
@@ -163,6 +167,8 @@ struct NvmeChannel {
     geo: Geometry,
     feat: Features,
     depth: u32,
+    /// `max_transfer_bytes` in blocks.
+    max_blocks_per_io: u64,
     polls: u32,
     services_events: bool,
 }
@@ -178,9 +184,79 @@ fn map_failure(f: IoFailure) -> IoError {
     }
 }
 
+impl NvmeChannel {
+    #[inline(always)]
+    fn accepted(&mut self, io: Box<IoDesc>, r: Result<u16, SubmitFail>) -> Result<(), Rejected> {
+        match r {
+            Ok(slot) => {
+                self.store(slot, io);
+                Ok(())
+            }
+            Err(SubmitFail::Busy) => Err(Rejected { io, why: SubmitError::Busy }),
+            Err(SubmitFail::Invalid(detail)) => {
+                let bytes = io.num_blocks << self.lba_shift;
+                Err(Rejected { io, why: SubmitError::Invalid(IoError::BadLength { bytes, detail }) })
+            }
+            Err(SubmitFail::Dead(f)) => Err(Rejected { io, why: SubmitError::Invalid(map_failure(f)) }),
+        }
+    }
+}
+
 impl IoChannel for NvmeChannel {
     #[inline]
     fn submit(&mut self, io: Box<IoDesc>) -> Result<(), Rejected> {
+        // Fast path: a read or write of one segment that passes the same checks as `validate` (which runs, to name
+        // the error, whenever one of them fails, and for every other request).
+        if let (IoOp::Read | IoOp::Write, [seg]) = (io.op, io.segs()) {
+            let write = io.op == IoOp::Write;
+            let fua = io.flags.contains(IoFlags::FUA);
+            let n = io.num_blocks;
+            let valid = n.wrapping_sub(1) < self.max_blocks_per_io
+                && io.offset_blocks < self.geo.block_count
+                && n <= self.geo.block_count - io.offset_blocks
+                && n << self.lba_shift == u64::from(seg.len())
+                && (seg.ptr().as_ptr() as usize | seg.len() as usize) & ALIGN_MASK == 0
+                && (write || !fua);
+            if valid {
+                match self.qp.submit_rw(write, self.nsid, self.lba_shift, io.offset_blocks, n, seg.iova(), seg.len(), fua && write, 0) {
+                    Ok(slot) => {
+                        self.store(slot, io);
+                        return Ok(());
+                    }
+                    Err(FastFail::Busy) => return Err(Rejected { io, why: SubmitError::Busy }),
+                    Err(FastFail::NotEligible | FastFail::Dead) => {}
+                }
+            }
+        }
+        self.submit_general(io)
+    }
+
+    fn poll(&mut self, out: &mut Vec<Box<IoDesc>>) -> usize {
+        self.poll_inner(out)
+    }
+
+    fn outstanding(&self) -> usize {
+        self.qp.outstanding()
+    }
+
+    fn queue_depth(&self) -> u32 {
+        self.depth
+    }
+}
+
+impl NvmeChannel {
+    /// Keep a descriptor until its completion (its slot is free: the queue pair just handed it out).
+    #[inline(always)]
+    fn store(&mut self, slot: u16, io: Box<IoDesc>) {
+        if let Some(old) = self.table[usize::from(slot)].replace(io) {
+            tracing::error!(slot, "nvme channel: a request slot was reused while in use");
+            drop(old);
+        }
+    }
+
+    /// Every request the fast path does not take: validated, then split, listed or refused by the queue pair.
+    #[inline(never)]
+    fn submit_general(&mut self, io: Box<IoDesc>) -> Result<(), Rejected> {
         if let Err(e) = validate(&self.geo, &self.feat, &io) {
             return Err(Rejected { io, why: SubmitError::Invalid(e) });
         }
@@ -201,22 +277,11 @@ impl IoChannel for NvmeChannel {
             fua: io.flags.contains(IoFlags::FUA) && op == NvmOp::Write,
             tag: 0,
         };
-        match self.qp.submit(&cmd) {
-            Ok(slot) => {
-                self.table[usize::from(slot)] = Some(io);
-                Ok(())
-            }
-            Err(SubmitFail::Busy) => Err(Rejected { io, why: SubmitError::Busy }),
-            Err(SubmitFail::Invalid(detail)) => {
-                let bytes = io.num_blocks << self.lba_shift;
-                Err(Rejected { io, why: SubmitError::Invalid(IoError::BadLength { bytes, detail }) })
-            }
-            Err(SubmitFail::Dead(f)) => Err(Rejected { io, why: SubmitError::Invalid(map_failure(f)) }),
-        }
+        let r = self.qp.submit(&cmd);
+        self.accepted(io, r)
     }
-
     #[inline]
-    fn poll(&mut self, out: &mut Vec<Box<IoDesc>>) -> usize {
+    fn poll_inner(&mut self, out: &mut Vec<Box<IoDesc>>) -> usize {
         self.polls = self.polls.wrapping_add(1);
         if self.services_events && self.polls % EVENT_POLL_INTERVAL == 0 {
             self.qp.controller().service_events();
@@ -238,13 +303,6 @@ impl IoChannel for NvmeChannel {
         })
     }
 
-    fn outstanding(&self) -> usize {
-        self.qp.outstanding()
-    }
-
-    fn queue_depth(&self) -> u32 {
-        self.depth
-    }
 }
 
 impl Drop for NvmeChannel {

@@ -59,12 +59,24 @@ pub struct Ring {
     phase: bool,
     sq_db: usize,
     cq_db: usize,
+    sq_base: *mut u8,
+    cq_base: *mut u8,
 }
+
+// SAFETY: the raw base pointers point into `sq`/`cq`, which the ring owns and which are themselves Send (arena
+// memory, accessed only through volatile operations by whoever owns the ring).
+unsafe impl Send for Ring {}
 
 impl Ring {
     /// A ring over `sq` (`entries` × 64 bytes) and `cq` (`entries` × 16 bytes) for queue `qid`.
     pub fn new(qid: u16, entries: u16, sq: DmaRegion, cq: DmaRegion, dstrd: u8) -> Ring {
+        // Invariant used by push and next_cqe: the regions hold `entries` entries each, and are 64-byte aligned
+        // (carved with 4 KiB alignment). Slot indices are always < entries.
+        assert!(sq.len() >= u64::from(entries) * 64 && cq.len() >= u64::from(entries) * 16, "ring memory too small");
+        let (sq_base, cq_base) = (sq.as_ptr(), cq.as_ptr());
         let mut r = Ring {
+            sq_base,
+            cq_base,
             qid,
             entries,
             sq,
@@ -122,9 +134,9 @@ impl Ring {
         if next == self.sq_head {
             return false;
         }
-        if write_pod(&self.sq, u64::from(self.sq_tail) * 64, e).is_none() {
-            return false;
-        }
+        // SAFETY: sq_tail < entries and the SQ region holds `entries` 64-byte slots, 64-aligned (invariant stated
+        // in `new`); volatile because the device reads this memory; no reference into it is created.
+        unsafe { std::ptr::write_volatile(self.sq_base.add(usize::from(self.sq_tail) * 64).cast::<SubmissionEntry>(), *e) };
         self.sq_tail = next;
         true
     }
@@ -143,17 +155,18 @@ impl Ring {
     /// The next completion entry, if the device has posted one (phase tag matches); advances the head.
     #[inline]
     pub fn next_cqe(&mut self) -> Option<CompletionEntry> {
-        let off = u64::from(self.cq_head) * 16;
-        let (p, _) = self.cq.slice(off, 16)?;
-        // SAFETY: `p` is inside the CQ region (slice checked) and 16-aligned (the region is 64-aligned); the status
-        // word is at offset 14, so 2-aligned. Volatile: the device writes it.
-        let status = unsafe { std::ptr::read_volatile(p.as_ptr().add(14).cast::<u16>()) };
+        // SAFETY: cq_head < entries and the CQ region holds `entries` 16-byte slots, 64-aligned (invariant stated
+        // in `new`), so the slot and its status word at offset 14 are in bounds and aligned.
+        let slot = unsafe { self.cq_base.add(usize::from(self.cq_head) * 16) };
+        // SAFETY: as above; volatile because the device writes it.
+        let status = unsafe { std::ptr::read_volatile(slot.add(14).cast::<u16>()) };
         if (status & 1 == 1) != self.phase {
             return None;
         }
         // Orders the phase-tag load before the loads of the rest of the entry and of the data the command moved.
         fence(Ordering::Acquire);
-        let e: CompletionEntry = read_pod(&self.cq, off)?;
+        // SAFETY: as above (a 16-byte aligned CompletionEntry slot); a volatile copy, no reference kept.
+        let e = unsafe { std::ptr::read_volatile(slot.cast::<CompletionEntry>()) };
         self.cq_head += 1;
         if self.cq_head == self.entries {
             self.cq_head = 0;
@@ -210,6 +223,17 @@ pub enum SubmitFail {
     Dead(IoFailure),
 }
 
+/// Why the fast path ([`IoQpair::submit_rw`]) did not take a request. Small, so it returns in a register.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FastFail {
+    /// Needs the general path (a PRP list, splitting, misalignment): call [`IoQpair::submit`].
+    NotEligible,
+    /// No command id or request slot free now.
+    Busy,
+    /// The controller is gone or failed: [`IoQpair::submit`] says how.
+    Dead,
+}
+
 /// One I/O request as the queue pair takes it. `segs` must stay valid (and untouched by the CPU) until the
 /// request completes.
 #[derive(Debug, Clone, Copy)]
@@ -252,7 +276,11 @@ impl QpairOpts {
 #[derive(Debug, Clone, Copy)]
 struct Tracker {
     sqe: SubmissionEntry,
-    submitted: Instant,
+    /// Milliseconds since the queue pair's epoch when (re)submitted (wrapping).
+    submitted: u32,
+    /// The caller's tag, for single-command requests ([`SINGLE`]).
+    tag: u64,
+    /// Request index, or [`SINGLE`]: the command is the whole request and its slot is its command id.
     req: u16,
     busy: bool,
     abort_sent: bool,
@@ -274,6 +302,8 @@ struct Request {
 }
 
 const PAGE: u64 = 4096;
+/// `Tracker::req` of a command that is a whole request by itself (no request-table entry).
+const SINGLE: u16 = u16::MAX;
 /// `u64`s in one command's list slot (one 4 KiB page).
 const LIST_U64S: usize = (PAGE / 8) as usize;
 /// Non-data commands (write zeroes, deallocate) a request keeps in flight at once.
@@ -292,9 +322,13 @@ pub struct IoQpair {
     free_cids: Vec<u16>,
     reqs: Box<[Request]>,
     free_reqs: Vec<u16>,
+    in_flight: u16,
     scratch: Box<[u64; LIST_U64S]>,
-    now: Instant,
+    /// The cached clock: milliseconds since `epoch` (wrapping), read on idle polls.
+    now: u32,
+    epoch: Instant,
     polls_since_check: u32,
+    next_check: Instant,
     timeout: Duration,
     max_cmd_bytes: u64,
     sgl: Option<bool>,
@@ -317,7 +351,8 @@ impl IoQpair {
         let now = Instant::now();
         let tracker = Tracker {
             sqe: SubmissionEntry::default(),
-            submitted: now,
+            submitted: 0,
+            tag: 0,
             req: 0,
             busy: false,
             abort_sent: false,
@@ -348,11 +383,18 @@ impl IoQpair {
             free_cids: (0..commands).rev().collect(),
             reqs: vec![req; usize::from(depth)].into_boxed_slice(),
             free_reqs: (0..depth).rev().collect(),
+            in_flight: 0,
             scratch: Box::new([0u64; LIST_U64S]),
-            now,
+            now: 0,
+            epoch: now,
+            next_check: now,
             polls_since_check: 0,
             dead: None,
         }
+    }
+
+    fn ms_since_epoch(&self, t: Instant) -> u32 {
+        t.saturating_duration_since(self.epoch).as_millis() as u32
     }
 
     /// The controller.
@@ -374,7 +416,12 @@ impl IoQpair {
     /// Requests in flight.
     #[inline]
     pub fn outstanding(&self) -> usize {
-        self.reqs.len() - self.free_reqs.len()
+        usize::from(self.in_flight)
+    }
+    /// Completion slot numbers are below this: a single-command request's slot is its command id, a split
+    /// request's is `commands() + index`.
+    pub fn slots(&self) -> usize {
+        self.trackers.len() + self.reqs.len()
     }
     /// Largest byte count one command carries (MDTS and the list slot).
     pub fn max_cmd_bytes(&self) -> u64 {
@@ -388,6 +435,9 @@ impl IoQpair {
     /// that cannot be described, `Dead` when the controller is gone or failed.
     #[inline]
     pub fn submit<S: DmaSeg>(&mut self, cmd: &IoCmd<'_, S>) -> Result<u16, SubmitFail> {
+        if let Some(r) = self.submit_one_page_pair(cmd) {
+            return r;
+        }
         if self.gen != self.ctrl.generation() {
             self.recover_after_reset();
         }
@@ -410,7 +460,11 @@ impl IoQpair {
         if issue_now > self.free_cids.len() as u64 {
             return Err(SubmitFail::Busy);
         }
+        if usize::from(self.in_flight) >= self.reqs.len() {
+            return Err(SubmitFail::Busy);
+        }
         let Some(ri) = self.free_reqs.pop() else { return Err(SubmitFail::Busy) };
+        self.in_flight += 1;
         self.reqs[usize::from(ri)] = Request {
             tag: cmd.tag,
             op: cmd.op,
@@ -436,12 +490,100 @@ impl IoQpair {
         } else {
             self.issue_non_data(ri);
         }
-        Ok(ri)
+        Ok(self.trackers.len() as u16 + ri)
+    }
+
+    /// The common case without lists: one segment, one command, at most two pages (PRP1 and PRP2). `None` when
+    /// the request needs the general path.
+    #[inline]
+    fn submit_one_page_pair<S: DmaSeg>(&mut self, cmd: &IoCmd<'_, S>) -> Option<Result<u16, SubmitFail>> {
+        let write = match cmd.op {
+            NvmOp::Read => false,
+            NvmOp::Write => true,
+            _ => return None,
+        };
+        let [seg] = cmd.segs else { return None };
+        match self.submit_rw(write, cmd.nsid, cmd.lba_shift, cmd.slba, cmd.nlb, seg.iova(), seg.len(), cmd.fua, cmd.tag) {
+            Ok(slot) => Some(Ok(slot)),
+            Err(FastFail::Busy) => Some(Err(SubmitFail::Busy)),
+            Err(FastFail::NotEligible | FastFail::Dead) => None,
+        }
+    }
+
+    /// Fast path for a read or write of one segment (`iova`, `len` bytes) that needs no PRP list. On
+    /// [`FastFail::NotEligible`] or [`FastFail::Dead`], use [`IoQpair::submit`] (which names the reason).
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    pub fn submit_rw(
+        &mut self,
+        write: bool,
+        nsid: u32,
+        lba_shift: u8,
+        slba: u64,
+        nlb: u64,
+        iova: u64,
+        len: u32,
+        fua: bool,
+        tag: u64,
+    ) -> Result<u16, FastFail> {
+        let bytes = nlb << lba_shift;
+        if nlb == 0 || nlb > super::ns::MAX_NLB_PER_COMMAND || u64::from(len) != bytes || iova & 3 != 0 || bytes > self.max_cmd_bytes {
+            return Err(FastFail::NotEligible);
+        }
+        let page_end = (iova | (PAGE - 1)) + 1;
+        let end = iova + bytes;
+        let prp2 = if end <= page_end {
+            0
+        } else if end <= page_end + PAGE {
+            page_end
+        } else {
+            return Err(FastFail::NotEligible);
+        };
+        if self.gen != self.ctrl.generation() {
+            self.recover_after_reset();
+        }
+        if self.dead.is_some() {
+            return Err(FastFail::Dead);
+        }
+        if usize::from(self.in_flight) >= self.reqs.len() {
+            return Err(FastFail::Busy);
+        }
+        let Some(cid) = self.free_cids.pop() else { return Err(FastFail::Busy) };
+        self.in_flight += 1;
+        let t = &mut self.trackers[usize::from(cid)];
+        t.sqe = SubmissionEntry {
+            opc: if write { super::spec::io_opc::WRITE } else { super::spec::io_opc::READ },
+            flags: 0,
+            cid,
+            nsid,
+            cdw2: 0,
+            cdw3: 0,
+            mptr: 0,
+            dptr1: iova,
+            dptr2: prp2,
+            cdw10: slba as u32,
+            cdw11: (slba >> 32) as u32,
+            cdw12: ((nlb - 1) as u32) | if fua { super::ns::CDW12_FUA } else { 0 },
+            cdw13: 0,
+            cdw14: 0,
+            cdw15: 0,
+        };
+        t.submitted = self.now;
+        t.tag = tag;
+        t.req = SINGLE;
+        t.busy = true;
+        t.abort_sent = false;
+        t.retries = 0;
+        if let Some(ring) = self.ring.as_mut() {
+            ring.push(&t.sqe);
+        }
+        Ok(cid)
     }
 
     fn release_req(&mut self, ri: u16) {
         self.reqs[usize::from(ri)].busy = false;
         self.free_reqs.push(ri);
+        self.in_flight -= 1;
     }
 
     /// Build every chunk's command first (so a request that cannot be described leaves no trace), then queue them.
@@ -532,7 +674,7 @@ impl IoQpair {
             }
             e.cid = cid;
             let t = &mut self.trackers[usize::from(cid)];
-            *t = Tracker { sqe: e, submitted: now, req: ri, busy: true, abort_sent: false, retries: 0 };
+            *t = Tracker { sqe: e, submitted: now, tag: 0, req: ri, busy: true, abort_sent: false, retries: 0 };
             if let Some(ring) = self.ring.as_mut() {
                 ring.push(&t.sqe);
             }
@@ -559,43 +701,50 @@ impl IoQpair {
             self.recover_after_reset();
         }
         let mut n = 0;
-        if let Some(mut ring) = self.ring.take() {
+        if let Some(ring) = self.ring.as_mut() {
             ring.ring_sq(&*self.t);
-            while n < max {
-                let Some(e) = ring.next_cqe() else { break };
-                n += self.complete(&mut ring, &e, done);
-            }
+        }
+        while n < max {
+            let Some(e) = self.ring.as_mut().and_then(Ring::next_cqe) else { break };
+            n += self.complete(&e, done);
+        }
+        if let Some(ring) = self.ring.as_mut() {
             ring.ring_cq(&*self.t);
             // Retries and non-data continuations queued while reaping.
             ring.ring_sq(&*self.t);
-            self.ring = Some(ring);
         }
         self.polls_since_check += 1;
-        if self.outstanding() > 0 && (n == 0 || self.polls_since_check >= CHECK_EVERY_POLLS) {
+        if n == 0 || self.polls_since_check >= CHECK_EVERY_POLLS {
+            // The clock is read on idle polls and every CHECK_EVERY_POLLS busy ones: submissions are stamped with
+            // this cached time, so a deadline may start up to that much early (deadlines are long: seconds).
             self.polls_since_check = 0;
-            self.now = Instant::now();
-            n += self.check_deadlines(done);
-        } else if self.outstanding() == 0 && n == 0 {
-            self.now = Instant::now();
+            let clock = Instant::now();
+            self.now = self.ms_since_epoch(clock);
+            if self.outstanding() > 0 && clock >= self.next_check {
+                self.next_check = clock + (self.timeout / 8).max(Duration::from_millis(1));
+                n += self.check_deadlines(done);
+            }
         }
         n
     }
 
-    #[inline]
-    fn complete<F: FnMut(u16, u64, Result<(), IoFailure>)>(&mut self, ring: &mut Ring, e: &CompletionEntry, done: &mut F) -> usize {
+    #[inline(always)]
+    fn complete<F: FnMut(u16, u64, Result<(), IoFailure>)>(&mut self, e: &CompletionEntry, done: &mut F) -> usize {
         let cid = usize::from(e.cid);
+        let qid = e.sq_id;
         let Some(t) = self.trackers.get_mut(cid).filter(|t| t.busy) else {
-            tracing::warn!(ctrlr = self.ctrl.name(), qid = ring.qid(), cid, "completion for a command not in flight: ignored");
+            tracing::warn!(ctrlr = self.ctrl.name(), qid, cid, "completion for a command not in flight: ignored");
             return 0;
         };
-        let status = NvmeStatus::from_cqe_word(e.status);
-        if !status.is_success() {
+        // Status word without the phase tag is zero: success (the fast check; decoded only on error).
+        if e.status & !1 != 0 {
+            let status = NvmeStatus::from_cqe_word(e.status);
             if status.is_aborted() && !status.dnr && t.retries < self.ctrl.opts().max_retries {
                 t.retries += 1;
                 t.abort_sent = false;
                 t.submitted = self.now;
-                tracing::info!(ctrlr = self.ctrl.name(), qid = ring.qid(), cid, %status, retry = t.retries, "command aborted: resubmitting");
-                if ring.push(&t.sqe) {
+                tracing::info!(ctrlr = self.ctrl.name(), qid, cid, %status, retry = t.retries, "command aborted: resubmitting");
+                if self.ring.as_mut().is_some_and(|ring| ring.push(&t.sqe)) {
                     return 0;
                 }
             }
@@ -608,7 +757,7 @@ impl IoQpair {
                 tracing::warn!(ctrlr = self.ctrl.name(), slba, nlb, %status, "media error");
                 IoFailure::Media { status, slba, nlb }
             } else {
-                tracing::warn!(ctrlr = self.ctrl.name(), qid = ring.qid(), cid, opc = t.sqe.opc, %status, "command failed");
+                tracing::warn!(ctrlr = self.ctrl.name(), qid, cid, opc = t.sqe.opc, %status, "command failed");
                 IoFailure::Status(status)
             };
             return self.finish_cmd(e.cid, Some(failure), done);
@@ -617,12 +766,18 @@ impl IoQpair {
     }
 
     /// One command of a request is finished: free its id, and finish the request when it was the last.
-    #[inline]
+    #[inline(always)]
     fn finish_cmd<F: FnMut(u16, u64, Result<(), IoFailure>)>(&mut self, cid: u16, failure: Option<IoFailure>, done: &mut F) -> usize {
         let t = &mut self.trackers[usize::from(cid)];
         t.busy = false;
         let ri = t.req;
         self.free_cids.push(cid);
+        if ri == SINGLE {
+            let tag = t.tag;
+            self.in_flight -= 1;
+            done(cid, tag, failure.map_or(Ok(()), Err));
+            return 1;
+        }
         let r = &mut self.reqs[usize::from(ri)];
         r.pending -= 1;
         if r.error.is_none() {
@@ -637,7 +792,7 @@ impl IoQpair {
         }
         let (tag, res) = (r.tag, r.error.map_or(Ok(()), Err));
         self.release_req(ri);
-        done(ri, tag, res);
+        done(self.trackers.len() as u16 + ri, tag, res);
         1
     }
 
@@ -645,11 +800,12 @@ impl IoQpair {
     /// reports fatal status), reset the controller, recreate this queue pair and resubmit.
     fn check_deadlines<F: FnMut(u16, u64, Result<(), IoFailure>)>(&mut self, done: &mut F) -> usize {
         let now = self.now;
+        let timeout_ms = self.timeout.as_millis() as u64;
         let mut need_reset = false;
         let mut expired_any = false;
         for cid in 0..self.trackers.len() {
             let t = self.trackers[cid];
-            if !t.busy || now.saturating_duration_since(t.submitted) < self.timeout {
+            if !t.busy || u64::from(now.wrapping_sub(t.submitted)) < timeout_ms {
                 continue;
             }
             expired_any = true;
@@ -670,7 +826,7 @@ impl IoQpair {
             let aborted = self.ctrl.abort(qid, cid as u16);
             let t = &mut self.trackers[cid];
             t.abort_sent = true;
-            t.submitted = Instant::now();
+            t.submitted = now;
             if let Err(e) = aborted {
                 tracing::warn!(ctrlr = self.ctrl.name(), error = %e, "abort failed: resetting the controller");
                 need_reset = true;
@@ -683,7 +839,7 @@ impl IoQpair {
         let mut n = 0;
         for cid in 0..self.trackers.len() {
             let t = &mut self.trackers[cid];
-            if t.busy && now.saturating_duration_since(t.submitted) >= self.timeout {
+            if t.busy && u64::from(now.wrapping_sub(t.submitted)) >= timeout_ms {
                 t.retries += 1;
                 if t.retries > self.ctrl.opts().max_retries {
                     tracing::error!(ctrlr = self.ctrl.name(), cid, "command timed out after every retry: failing it");
@@ -710,7 +866,9 @@ impl IoQpair {
         let mut n = 0;
         for cid in 0..self.trackers.len() {
             if self.trackers[cid].busy {
-                self.reqs[usize::from(self.trackers[cid].req)].unissued = 0;
+                if let Some(r) = self.reqs.get_mut(usize::from(self.trackers[cid].req)) {
+                    r.unissued = 0;
+                }
                 n += self.finish_cmd(cid as u16, Some(f), done);
             }
         }
@@ -729,7 +887,7 @@ impl IoQpair {
         let res = self.ctrl.create_io_queues(ring.qid(), ring.entries(), ring.sq_iova(), ring.cq_iova());
         match res {
             Ok(()) => {
-                let now = Instant::now();
+                let now = self.ms_since_epoch(Instant::now());
                 let mut count = 0;
                 for t in self.trackers.iter_mut().filter(|t| t.busy) {
                     t.submitted = now;
