@@ -91,7 +91,7 @@ pub struct PerfArgs {
     #[arg(long = "arena-mb", value_name = "MIB")]
     pub arena_mb: Option<u64>,
     /// Seed of the offset generator (each core derives its own stream from it).
-    #[arg(long = "seed", value_name = "N", default_value_t = 0x6e76_7374_6163_6b00)]
+    #[arg(long = "seed", value_name = "N", default_value_t = 0x6e76_7374_6163)]
     pub seed: u64,
     /// Stop each core after it has submitted N I/Os (or at -t seconds, whichever comes first).
     #[arg(long = "io-count", value_name = "N")]

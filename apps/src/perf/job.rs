@@ -106,7 +106,7 @@ pub struct JobResult {
     pub reads: u64,
     /// Writes completed.
     pub writes: u64,
-    /// I/Os that failed.
+    /// I/Os that failed (pre-fill writes included).
     pub errors: u64,
     /// The first failure, described.
     pub first_error: Option<String>,
@@ -118,8 +118,6 @@ pub struct JobResult {
     pub cpu_ns: u64,
     /// Verify counters (with `--verify`).
     pub verify: Option<VerifyStats>,
-    /// Pre-fill writes that failed (with `--verify` on read-only workloads).
-    pub prefill_errors: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,8 +174,9 @@ pub struct Job {
     reads: u64,
     writes: u64,
     errors: u64,
-    prefill_errors: u64,
     first_error: Option<String>,
+    /// A request was refused as Invalid: it would be refused again, so the job stops.
+    fatal: bool,
     hist: Histogram,
     start_tick: u64,
     start_cpu_ns: u64,
@@ -250,8 +249,8 @@ impl Job {
             reads: 0,
             writes: 0,
             errors: 0,
-            prefill_errors: 0,
             first_error: None,
+            fatal: false,
             hist: Histogram::new(),
             start_tick: 0,
             start_cpu_ns: 0,
@@ -331,6 +330,7 @@ impl Job {
                 self.first_error =
                     Some(format!("{} of blocks {}+{} refused: {e}", io.op.name(), io.offset_blocks, io.num_blocks));
             }
+            self.fatal = true;
             if self.phase == Phase::Running {
                 self.phase = Phase::Draining;
             }
@@ -420,7 +420,7 @@ impl Job {
         self.start_tick = now;
         self.last_tick = now;
         self.end_tick = now.saturating_add(self.p.duration_ticks);
-        self.phase = Phase::Running;
+        self.phase = if self.fatal { Phase::Draining } else { Phase::Running };
         self.refill(now);
     }
 
@@ -457,14 +457,13 @@ impl Job {
     /// One round of the pre-fill: write every slot of the range once, sequentially, QD deep.
     fn prefill_round(&mut self, ctx: &ReactorCtx) -> PollOutcome {
         let n = self.ch.poll(&mut self.done);
-        let stop = self.ctl.stop.load(Ordering::Relaxed) || ctx.stopping();
+        let stop = self.fatal || self.ctl.stop.load(Ordering::Relaxed) || ctx.stopping();
         if n > 0 {
             let mut done = std::mem::take(&mut self.done);
             for io in done.drain(..) {
                 self.in_flight -= 1;
                 let ok = matches!(io.status, IoStatus::Success);
                 if !ok {
-                    self.prefill_errors += 1;
                     self.failed(&io);
                 }
                 self.verify_done(&io, ok);
@@ -490,7 +489,6 @@ impl Job {
         }
         if self.in_flight == 0 && (stop || self.next_seq_slot >= self.p.slot_count) {
             self.next_seq_slot = self.p.seq_start_slot % self.p.slot_count.max(1);
-            self.errors = 0;
             self.phase = Phase::Ready;
             self.shared.ready.store(true, Ordering::Release);
         }
@@ -511,7 +509,6 @@ impl Job {
             elapsed_ticks: self.last_tick.saturating_sub(self.start_tick),
             cpu_ns: if self.start_tick == 0 { 0 } else { thread_cpu_ns().saturating_sub(self.start_cpu_ns) },
             verify: self.verify.as_mut().map(VerifyState::take_stats),
-            prefill_errors: self.prefill_errors,
         };
         self.shared.finish(Ok(result));
     }

@@ -363,6 +363,18 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_request_ends_the_run_with_an_error() {
+        for (w, verify) in [(Workload::Randwrite, false), (Workload::Randrw, true), (Workload::Randread, true)] {
+            let c = cfg(w, 1, verify, 1_000_000);
+            let rep = run_on(&c, ScrambleDev::refusing_writes(4 << 20, 512));
+            assert!(rep.total.errors >= 1, "{w:?}: {:?}", rep.total);
+            assert!(rep.total.first_error.as_deref().unwrap_or("").contains("refused"), "{:?}", rep.total.first_error);
+            assert!(rep.failure().is_some());
+            assert!(rep.total.ios < 1_000_000, "{w:?}: the run stopped at the refusal");
+        }
+    }
+
+    #[test]
     fn plan_slices_writers_and_spreads_readers() {
         let geo = ScrambleDev::new(8 << 20, 512, None).geometry();
         let s = TickScale::fixed(1_000_000_000);

@@ -171,7 +171,7 @@ impl Report {
                 ios,
                 reads: r.reads,
                 writes: r.writes,
-                errors: r.errors + r.prefill_errors,
+                errors: r.errors,
                 iops: round3(iops),
                 cpu_s: round3(cpu_s),
                 iops_per_cpu_s: round3(iops_per_cpu_s),
@@ -373,7 +373,6 @@ mod tests {
             elapsed_ticks: 1_000_000_000,
             cpu_ns: 500_000_000,
             verify: None,
-            prefill_errors: 0,
         }
     }
 

@@ -11,9 +11,19 @@ pub struct ScrambleDev {
     geo: Geometry,
     data: Arc<Mutex<Vec<u8>>>,
     corrupt_every: Option<u64>,
+    refuse_writes: bool,
 }
 
 impl ScrambleDev {
+    /// The same device, but every write is refused at submit as invalid.
+    pub fn refusing_writes(size_bytes: u64, block_size: u32) -> Arc<ScrambleDev> {
+        let mut d = ScrambleDev::new(size_bytes, block_size, None);
+        if let Some(m) = Arc::get_mut(&mut d) {
+            m.refuse_writes = true;
+        }
+        d
+    }
+
     /// `size_bytes` of zeroes in `block_size` blocks; with `corrupt_every = Some(n)`, every n-th read comes back with
     /// one byte flipped.
     pub fn new(size_bytes: u64, block_size: u32, corrupt_every: Option<u64>) -> Arc<ScrambleDev> {
@@ -28,6 +38,7 @@ impl ScrambleDev {
             },
             data: Arc::new(Mutex::new(vec![0; size_bytes as usize])),
             corrupt_every,
+            refuse_writes: false,
         })
     }
 }
@@ -54,6 +65,7 @@ impl BlockDev for ScrambleDev {
             rng: 0x1234_5678 + opts.reactor_index as u64,
             reads: 0,
             corrupt_every: self.corrupt_every,
+            refuse_writes: self.refuse_writes,
         }))
     }
 }
@@ -67,6 +79,7 @@ struct ScrambleChannel {
     rng: u64,
     reads: u64,
     corrupt_every: Option<u64>,
+    refuse_writes: bool,
 }
 
 impl ScrambleChannel {
@@ -107,6 +120,9 @@ impl IoChannel for ScrambleChannel {
     fn submit(&mut self, io: Box<IoDesc>) -> Result<(), Rejected> {
         if self.pending.len() >= self.depth {
             return Err(Rejected { io, why: SubmitError::Busy });
+        }
+        if self.refuse_writes && io.op == IoOp::Write {
+            return Err(Rejected { io, why: SubmitError::Invalid(nvstack_blockdev::IoError::Unsupported { op: IoOp::Write }) });
         }
         if let Err(e) = validate(&self.geo, &Features::default(), &io) {
             return Err(Rejected { io, why: SubmitError::Invalid(e) });
