@@ -82,7 +82,7 @@ impl NvmeBdev {
             return Err(nerr(why.clone()));
         }
         let info = ctrl.info();
-        let mqes = u32::try_from(info.max_queue_entries.saturating_sub(1)).unwrap_or(u32::MAX).max(1);
+        let mqes = info.max_queue_entries.saturating_sub(1).max(1);
         let split = MAX_SPLIT.min(mqes);
         let max_transfer = ctrl.max_cmd_bytes().saturating_mul(split).min(MAX_TRANSFER_BYTES).max(ns.block_size);
         let geo = Geometry {
@@ -280,10 +280,13 @@ impl NvmeChannel {
         let r = self.qp.submit(&cmd);
         self.accepted(io, r)
     }
+
+    // The IoChannel contract moves boxed descriptors (allocated once, reused): the Vec holds those boxes.
+    #[allow(clippy::vec_box)]
     #[inline]
     fn poll_inner(&mut self, out: &mut Vec<Box<IoDesc>>) -> usize {
         self.polls = self.polls.wrapping_add(1);
-        if self.services_events && self.polls % EVENT_POLL_INTERVAL == 0 {
+        if self.services_events && self.polls.is_multiple_of(EVENT_POLL_INTERVAL) {
             self.qp.controller().service_events();
         }
         let room = out.capacity() - out.len();
@@ -315,7 +318,8 @@ impl Drop for NvmeChannel {
 }
 
 /// Controllers attached in this process, by PCI address (or "sim") and arena, so that several bdevs share one.
-static ATTACHED: Mutex<Option<HashMap<String, (Weak<Controller>, u32)>>> = Mutex::new(None);
+type Registry = HashMap<String, (Weak<Controller>, u32)>;
+static ATTACHED: Mutex<Option<Registry>> = Mutex::new(None);
 static NEXT_INDEX: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 fn attached(key: &str, attach: impl FnOnce() -> Result<Arc<Controller>, BdevError>) -> Result<(Arc<Controller>, u32), BdevError> {

@@ -1,6 +1,6 @@
 //! Every injected fault ends in a clean retry or a clear error, bounded in time, with no acknowledged write lost.
 
-#[path = "nvme_common.rs"]
+#[path = "nvme_common/mod.rs"]
 mod common;
 
 use std::sync::atomic::Ordering;

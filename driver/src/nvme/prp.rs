@@ -16,6 +16,10 @@ pub trait DmaSeg {
     fn iova(&self) -> u64;
     /// Length in bytes.
     fn len(&self) -> u32;
+    /// Whether the piece is empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 impl DmaSeg for (u64, u32) {

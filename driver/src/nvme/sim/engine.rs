@@ -420,7 +420,7 @@ impl Engine {
         Some(out)
     }
 
-    fn to_host(&mut self, cmd: &SubmissionEntry, src: &[u8]) -> bool {
+    fn dma_to_host(&mut self, cmd: &SubmissionEntry, src: &[u8]) -> bool {
         let Some(pieces) = self.data_pieces(cmd, src.len() as u64) else { return false };
         let mut off = 0usize;
         for (a, l) in pieces {
@@ -432,7 +432,7 @@ impl Engine {
         true
     }
 
-    fn from_host(&mut self, cmd: &SubmissionEntry, dst_len: usize) -> bool {
+    fn dma_from_host(&mut self, cmd: &SubmissionEntry, dst_len: usize) -> bool {
         let Some(pieces) = self.data_pieces(cmd, dst_len as u64) else { return false };
         let mut off = 0usize;
         for (a, l) in pieces {
@@ -453,7 +453,7 @@ impl Engine {
         // SAFETY: T is Pod (plain integers, no padding), so viewing it as bytes is sound; the copy is into a Vec
         // of exactly size_of::<T>() bytes.
         unsafe { std::ptr::copy_nonoverlapping((v as *const T).cast::<u8>(), bytes.as_mut_ptr(), n) };
-        self.to_host(cmd, &bytes)
+        self.dma_to_host(cmd, &bytes)
     }
 
     // ---- admin ----
@@ -587,7 +587,7 @@ impl Engine {
                     }
                 }
                 let bytes: Vec<u8> = list.iter().flat_map(|v| v.to_le_bytes()).collect();
-                self.to_host(cmd, &bytes)
+                self.dma_to_host(cmd, &bytes)
             }
             _ => return NvmeStatus::new(sct::GENERIC, generic::INVALID_FIELD),
         };
@@ -660,7 +660,7 @@ impl Engine {
             }
             _ => return NvmeStatus::new(sct::COMMAND_SPECIFIC, command_specific::INVALID_LOG_PAGE),
         }
-        if self.to_host(cmd, &bytes) { NvmeStatus::SUCCESS } else { NvmeStatus::new(sct::GENERIC, generic::DATA_TRANSFER_ERROR) }
+        if self.dma_to_host(cmd, &bytes) { NvmeStatus::SUCCESS } else { NvmeStatus::new(sct::GENERIC, generic::DATA_TRANSFER_ERROR) }
     }
 
     // ---- I/O ----
@@ -702,7 +702,7 @@ impl Engine {
                 let off = (slba * bs) as usize;
                 let len = bytes as usize;
                 if cmd.opc == io_opc::WRITE {
-                    if !self.from_host(cmd, len) {
+                    if !self.dma_from_host(cmd, len) {
                         return g(generic::DATA_TRANSFER_ERROR);
                     }
                     let mut data = self.sh.namespaces[nsi].lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -712,7 +712,7 @@ impl Engine {
                         let data = self.sh.namespaces[nsi].lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                         data[off..off + len].to_vec()
                     };
-                    if !self.to_host(cmd, &chunk) {
+                    if !self.dma_to_host(cmd, &chunk) {
                         return g(generic::DATA_TRANSFER_ERROR);
                     }
                 }
