@@ -49,7 +49,7 @@ const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(30);
 /// On shutdown, replies still unsent after this are dropped with the connection.
 pub const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
 
-const _: () = assert!(MAX_REQUEST_BYTES % CHUNK_BYTES == 0);
+const _: () = assert!(MAX_REQUEST_BYTES.is_multiple_of(CHUNK_BYTES));
 const _: () = assert!(MAX_REQUEST_BYTES / CHUNK_BYTES <= BUFS_PER_CONN / 2);
 
 /// A client socket.
@@ -192,6 +192,7 @@ pub struct Conn {
     native_trim: bool,
     slots: Vec<Slot>,
     free_slots: Vec<usize>,
+    #[allow(clippy::vec_box)] // Descriptors travel as Box<IoDesc> (the IoChannel contract).
     descs: Vec<Box<IoDesc>>,
     retry: VecDeque<Box<IoDesc>>,
     /// Descriptors in the channel's hands.

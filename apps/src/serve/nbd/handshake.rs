@@ -355,7 +355,7 @@ impl Handshake {
         let matches = if option == opt::LIST_META_CONTEXT {
             q.queries.is_empty() || q.queries.iter().any(|s| *s == "base:" || *s == proto::BASE_ALLOCATION)
         } else {
-            q.queries.iter().any(|s| *s == proto::BASE_ALLOCATION)
+            q.queries.contains(&proto::BASE_ALLOCATION)
         };
         if matches {
             let id = if option == opt::SET_META_CONTEXT { BASE_ALLOCATION_ID } else { 0 };

@@ -470,7 +470,7 @@ impl BlockSizes {
             && self.preferred.is_power_of_two()
             && self.preferred >= self.min
             && self.max >= self.min
-            && self.max % self.min == 0
+            && self.max.is_multiple_of(self.min)
     }
 }
 
@@ -650,7 +650,7 @@ pub fn check_request(req: &Request, lim: &ExportLimits, structured: bool, meta_s
     let ro = tf & tflag::READ_ONLY != 0;
     let end = req.offset.checked_add(u64::from(req.length));
     let min = u64::from(lim.block.min.max(1));
-    let aligned = req.offset % min == 0 && u64::from(req.length) % min == 0;
+    let aligned = req.offset.is_multiple_of(min) && u64::from(req.length).is_multiple_of(min);
     match req.kind {
         cmd::DISC => Checked::Go,
         cmd::FLUSH => {

@@ -227,6 +227,7 @@ struct ReactorPoller {
     registry: Arc<Registry>,
     conns: Vec<Option<Conn>>,
     chans: Vec<Option<ChanEntry>>,
+    #[allow(clippy::vec_box)] // Descriptors travel as Box<IoDesc> (the IoChannel contract).
     done: Vec<Box<IoDesc>>,
 }
 
