@@ -20,7 +20,7 @@ use nvstack_driver::pmem::PmemDevice;
 use nvstack_rmap::journal::{read_log, Journal, PoisonEvent, Source};
 use nvstack_rmap::listener::{action_name, PoisonPath, RawReport};
 use nvstack_rmap::owner::{Owner, VolumeMap};
-use nvstack_rmap::plugins::{PmemTarget, XfsPlugin};
+use nvstack_rmap::plugins::{BdevTarget, PmemTarget, XfsPlugin};
 use nvstack_rmap::translate::Mapping;
 use nvstack_rmap::xfs::{XfsOptions, XfsRmap};
 
@@ -51,6 +51,37 @@ pub enum PoisonCmd {
     Explain(ExplainArgs),
     /// Poison one page of a pmem mapping and print the event (a test aid).
     Inject(InjectArgs),
+    /// Map the device, listen (SIGBUS, tracefs, badblocks) and print events as they arrive, acting on them.
+    Watch(WatchArgs),
+}
+
+/// Arguments of `poison watch`.
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// Where the owners are looked up.
+    #[command(flatten)]
+    chain: ChainArgs,
+    /// tracefs mount point (mce:mce_record and ras:memory_failure_event are enabled there).
+    #[arg(long, default_value = "/sys/kernel/tracing")]
+    tracefs: PathBuf,
+    /// Do not use tracefs.
+    #[arg(long)]
+    no_tracefs: bool,
+    /// Watch this badblocks list (relative to /sys, e.g. block/pmem0/badblocks) for the device.
+    #[arg(long)]
+    badblocks: Option<String>,
+    /// Stop after this many events.
+    #[arg(long, default_value_t = 1)]
+    count: usize,
+    /// Give up after this many milliseconds (exit status 1).
+    #[arg(long, default_value_t = 60_000)]
+    timeout_ms: u64,
+    /// Append events to this journal file.
+    #[arg(long)]
+    journal: Option<PathBuf>,
+    /// Print `@@NVSTACK phys=0x.. len=0x..` (the device's physical placement) for a test harness.
+    #[arg(long)]
+    marker: bool,
 }
 
 /// What the chain is built from.
@@ -141,6 +172,7 @@ pub fn run(args: PoisonArgs, _g: &GlobalOpts) -> Result<ExitCode, AppError> {
         PoisonCmd::List { journal, json } => list(&journal, json),
         PoisonCmd::Explain(a) => explain(a),
         PoisonCmd::Inject(a) => inject(a),
+        PoisonCmd::Watch(a) => watch(a),
     }
 }
 
@@ -171,6 +203,7 @@ struct Built {
     /// The outermost device's registry name (events on it are resolved through volumes below it).
     device: String,
     pmem: Option<(String, Arc<PmemDevice>)>,
+    phys: Option<PhysRange>,
     _arena: Arc<Arena>,
 }
 
@@ -198,14 +231,23 @@ fn build(c: &ChainArgs, journal: Option<&std::path::Path>) -> Result<Built, AppE
             Some(start) => Some(PhysRange { start, len: dev.len() }),
             None => dev.phys_range(),
         };
-        path.translator.add(Mapping { device: name.clone(), vaddr: dev.base_addr(), len: dev.len(), device_offset: 0, phys });
+        path.translator.add(Mapping { device: name.clone(), vaddr: Some(dev.base_addr()), len: dev.len(), device_offset: 0, phys });
         path.add_target(Arc::new(PmemTarget::new(&name, Arc::clone(&dev))));
         device_name = Some(name.clone());
         pmem = Some((name, dev));
     }
     if let Some(spec) = &c.device {
         let b = open_bdev(spec, &arena)?;
-        device_name = Some(b.name().to_owned());
+        let name = b.name().to_owned();
+        if c.pmem.is_none() {
+            if let Some(start) = c.phys_base {
+                // The device is not mapped here: only its physical placement is known.
+                let len = b.geometry().size_bytes();
+                path.translator.add(Mapping { device: name.clone(), vaddr: None, len, device_offset: 0, phys: Some(PhysRange { start, len }) });
+            }
+            path.add_target(Arc::new(BdevTarget::new(&name, Arc::clone(&b))));
+        }
+        device_name = Some(name);
         bdev = Some(b);
     }
     let Some(dev_name) = device_name else {
@@ -242,7 +284,8 @@ fn build(c: &ChainArgs, journal: Option<&std::path::Path>) -> Result<Built, AppE
             .map_err(|e| AppError::Failed(format!("opening the XFS reverse map: {e}")))?;
         path.registry.register(Arc::new(XfsPlugin::new(&answer_for, xfs)));
     }
-    Ok(Built { path, device: dev_name, pmem, _arena: arena })
+    let phys = path.translator.mappings().iter().find(|m| m.device == dev_name).and_then(|m| m.phys);
+    Ok(Built { path, device: dev_name, pmem, phys, _arena: arena })
 }
 
 fn print_event(e: &PoisonEvent, json: bool) -> Result<(), AppError> {
@@ -372,4 +415,60 @@ fn pagemap_pfn(addr: usize) -> Result<u64, AppError> {
         return Err(AppError::Failed("pagemap shows no PFN for the page (needs root)".into()));
     }
     Ok(pfn)
+}
+
+fn watch(a: WatchArgs) -> Result<ExitCode, AppError> {
+    let built = build(&a.chain, a.journal.as_deref())?;
+    if let Some((_, dev)) = &built.pmem {
+        // Fault every page in, so the kernel knows we map it and early-kill reports (SIGBUS AO) reach us.
+        let mut b = [0u8; 1];
+        let mut off = 0;
+        while off < dev.len() {
+            // SAFETY: one byte of our own mapping into a local buffer, through the guarded copy.
+            let _ = unsafe { dev.read_into(off, b.as_mut_ptr(), 1) };
+            off += 4096;
+        }
+    }
+    if !a.no_tracefs {
+        if let Err(e) = built.path.enable_tracefs(&a.tracefs) {
+            eprintln!("nvstack: warning: {e}; tracefs events will not be seen (use --no-tracefs to silence)");
+        }
+    }
+    if let Some(bb) = &a.badblocks {
+        built.path.watch_badblocks(&built.device, bb, 0);
+        built.path.poll_badblocks(true);
+    }
+    let before = built.path.journal.list().len();
+    let listener = built.path.spawn(Duration::from_millis(5)).map_err(|e| AppError::Failed(e.to_string()))?;
+    if a.marker {
+        match built.phys {
+            Some(p) => println!("@@NVSTACK phys={:#x} len={:#x} dev={}", p.start, p.len, built.device),
+            None => {
+                return Err(AppError::Usage(format!(
+                    "--marker: the physical placement of {} is unknown; give --phys-base",
+                    built.device
+                )))
+            }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_millis(a.timeout_ms);
+    let mut printed = before;
+    loop {
+        let evs = built.path.journal.list();
+        for e in evs.iter().skip(printed) {
+            print_event(e, a.chain.json)?;
+            println!();
+        }
+        printed = evs.len().max(printed);
+        if printed - before >= a.count || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    listener.stop();
+    if printed - before >= a.count {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        Err(AppError::Failed(format!("{} of {} poison events arrived within {} ms", printed - before, a.count, a.timeout_ms)))
+    }
 }

@@ -409,7 +409,8 @@ pub fn action_name(a: &Action) -> &'static str {
 pub fn parse_trace_line(line: &str) -> Option<RawReport> {
     if line.contains("memory_failure_event:") {
         let rest = &line[line.find("pfn ")? + 4..];
-        let hex = rest.split_whitespace().next()?;
+        // "pfn 0x111205: recovery action for dax page: Recovered" (6.1); older kernels print no colon.
+        let hex = rest.split_whitespace().next()?.trim_end_matches(':');
         let pfn = u64::from_str_radix(hex.trim_start_matches("0x"), 16).ok()?;
         return Some(RawReport::Phys { source: Source::TraceMemoryFailure, addr: pfn.checked_mul(4096)?, len: 4096 });
     }
@@ -465,6 +466,8 @@ mod tests {
     fn trace_lines() {
         let mf = "  kworker/0:1-12 [000] .... 123.4: memory_failure_event: pfn 0x23ff00 dax page recovery: Recovered";
         assert_eq!(parse_trace_line(mf), Some(RawReport::Phys { source: Source::TraceMemoryFailure, addr: 0x23ff00 * 4096, len: 4096 }));
+        let mf61 = "nvstack-122 [001] ..... 11.86: memory_failure_event: pfn 0x111205: recovery action for dax page: Recovered";
+        assert_eq!(parse_trace_line(mf61), Some(RawReport::Phys { source: Source::TraceMemoryFailure, addr: 0x111205 * 4096, len: 4096 }));
         let mce = "  <idle>-0 [001] 99.1: mce_record: CPU: 1, MCGc/s: 1000c09/5, MC9: bd000000000000c0, IPID: 0000000000000000, ADDR/MISC: 0000000140201000/0000000000000086, RIP: 00:<0000000000000000>, TSC: 0";
         assert_eq!(parse_trace_line(mce), Some(RawReport::Phys { source: Source::TraceMce, addr: 0x1_4020_1000, len: 4096 }));
         assert_eq!(parse_trace_line("random line"), None);

@@ -3,6 +3,10 @@
 
 use std::sync::Arc;
 
+use std::time::Duration;
+
+use nvstack_blockdev::bdev::{run_sync, ChannelOpts};
+use nvstack_blockdev::{BlockDev, IoDesc, IoOp, IoStatus};
 use nvstack_driver::pmem::PmemDevice;
 
 use crate::action::ActionTarget;
@@ -69,5 +73,40 @@ impl ActionTarget for PmemTarget {
     }
     fn zero_and_clear(&self, _device: &str, offset: u64, len: u64) -> Result<(), String> {
         self.dev.zero(offset, len).map_err(|e| e.to_string())
+    }
+}
+
+/// Any block device as an action target: free space is zeroed with a write-zeroes request (for a pmem block device
+/// the kernel's pmem driver clears the poison it knows of on that write). Control path only: it opens a channel per
+/// action and waits for the request.
+pub struct BdevTarget {
+    device: String,
+    bdev: Arc<dyn BlockDev>,
+}
+
+impl BdevTarget {
+    /// Act for `device` (a registry name) on `bdev`.
+    pub fn new(device: &str, bdev: Arc<dyn BlockDev>) -> BdevTarget {
+        BdevTarget { device: device.to_owned(), bdev }
+    }
+}
+
+impl ActionTarget for BdevTarget {
+    fn owns(&self, device: &str) -> bool {
+        device == self.device
+    }
+    fn zero_and_clear(&self, _device: &str, offset: u64, len: u64) -> Result<(), String> {
+        let bs = u64::from(self.bdev.geometry().block_size);
+        if offset % bs != 0 || len % bs != 0 || len == 0 {
+            return Err(format!("range {offset:#x}+{len:#x} is not whole {bs}-byte blocks"));
+        }
+        let mut ch = self.bdev.open_channel(ChannelOpts { reactor_index: 0, queue_depth: 1 }).map_err(|e| e.to_string())?;
+        let mut io = IoDesc::new(1);
+        io.prepare(IoOp::WriteZeroes, offset / bs, len / bs);
+        let io = run_sync(ch.as_mut(), io, Duration::from_secs(10)).map_err(|e| e.to_string())?;
+        match io.status {
+            IoStatus::Success => Ok(()),
+            other => Err(format!("write zeroes ended {other:?}")),
+        }
     }
 }

@@ -21,8 +21,8 @@ use crate::RmapError;
 pub struct Mapping {
     /// The device (or, for the arena, "arena") whose bytes are mapped.
     pub device: String,
-    /// First virtual address.
-    pub vaddr: usize,
+    /// First virtual address, when the device is mapped into this process (a phys-only mapping has none).
+    pub vaddr: Option<usize>,
     /// Length in bytes.
     pub len: u64,
     /// Device offset of the first mapped byte.
@@ -83,11 +83,12 @@ impl Translator {
     pub fn vaddr(&self, addr: usize) -> Option<Translation> {
         let v = self.maps.read().ok()?;
         v.iter().find_map(|m| {
-            let off = (addr as u64).checked_sub(m.vaddr as u64)?;
+            let base = m.vaddr?;
+            let off = (addr as u64).checked_sub(base as u64)?;
             (off < m.len).then(|| Translation {
                 device: m.device.clone(),
                 offset: m.device_offset + off,
-                via: format!("vaddr {addr:#x} is {off:#x} into the mapping of {} at {:#x}", m.device, m.vaddr),
+                via: format!("vaddr {addr:#x} is {off:#x} into the mapping of {} at {base:#x}", m.device),
             })
         })
     }
@@ -114,7 +115,8 @@ impl Translator {
         }
         let pfn = pa / PAGE;
         for m in maps.iter().filter(|m| m.phys.is_none()) {
-            if let Some(va) = find_pfn(m.vaddr, m.len, pfn).map_err(|source| RmapError::Pagemap { phys: pa, source })? {
+            let Some(base) = m.vaddr else { continue };
+            if let Some(va) = find_pfn(base, m.len, pfn).map_err(|source| RmapError::Pagemap { phys: pa, source })? {
                 let va = va + (pa % PAGE) as usize;
                 if let Some(mut t) = self.vaddr(va) {
                     t.via = format!("phys {pa:#x} is pfn {pfn:#x}, mapped at vaddr {va:#x} (pagemap); {}", t.via);
@@ -163,7 +165,7 @@ mod tests {
         let t = Translator::new();
         t.add(Mapping {
             device: "dax0.0".into(),
-            vaddr: 0x7f00_0000_0000,
+            vaddr: Some(0x7f00_0000_0000),
             len: 1 << 30,
             device_offset: 0,
             phys: Some(PhysRange { start: 0x1_4000_0000, len: 1 << 30 }),
@@ -191,7 +193,7 @@ mod tests {
             return;
         }
         let t = Translator::new();
-        t.add(Mapping { device: "arena".into(), vaddr: base, len: 4096, device_offset: 0x10_0000, phys: None });
+        t.add(Mapping { device: "arena".into(), vaddr: Some(base), len: 4096, device_offset: 0x10_0000, phys: None });
         let got = t.phys(pfn * 4096 + 12).unwrap().unwrap();
         assert_eq!(got.device, "arena");
         assert_eq!(got.offset, 0x10_0000 + 12);

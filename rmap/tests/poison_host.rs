@@ -59,7 +59,7 @@ fn synthetic_sigbus_walks_the_whole_chain() {
 
     let log = dir.join("poison.log");
     let path = PoisonPath::new(Journal::new(64, Some(&log)).unwrap());
-    path.translator.add(Mapping { device: "pm0".into(), vaddr: dev.base_addr(), len: dev.len(), device_offset: 0, phys: None });
+    path.translator.add(Mapping { device: "pm0".into(), vaddr: Some(dev.base_addr()), len: dev.len(), device_offset: 0, phys: None });
     let vm = Arc::new(VolumeMap::new("pm0"));
     vm.add("vol0", MIB, 2 * MIB).unwrap();
     path.registry.register(vm);
