@@ -45,9 +45,9 @@ pub enum RmapError {
     XfsChannel {
         /// Device name.
         device: String,
-        /// The block layer's error.
+        /// The block layer's error (boxed: it is large).
         #[source]
-        source: BdevError,
+        source: Box<BdevError>,
     },
     /// A metadata read could not be submitted or did not complete in time.
     #[error("xfs rmap on {device}: reading {len_bytes} bytes at byte {offset_bytes} did not complete")]

@@ -215,7 +215,8 @@ fn record_corruption() {
     assert_eq!(u16::from_be_bytes([leaf[4], leaf[5]]), 0);
     // Record 1: zero length; an unknown special owner; a block count past the AG; reserved offset bits.
     let r = 56 + 24;
-    let cases: [(&str, Box<dyn Fn(&mut [u8])>); 4] = [
+    type Edit = Box<dyn Fn(&mut [u8])>;
+    let cases: [(&str, Edit); 4] = [
         ("zero block count", Box::new(move |b: &mut [u8]| put32(b, r + 4, 0))),
         ("unknown special owner", Box::new(move |b: &mut [u8]| b[r + 8..r + 16].copy_from_slice(&(-42i64).to_be_bytes()))),
         ("extent runs past the end of the AG", Box::new(move |b: &mut [u8]| put32(b, r + 4, 0x7fff_0000))),

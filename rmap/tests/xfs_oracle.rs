@@ -17,7 +17,7 @@ const RANGE_PROBES: usize = 300;
 fn covering(oracle: &[XfsRmapRecord], agno: u32, first: u32, last: u32) -> Vec<XfsRmapRecord> {
     let mut v: Vec<XfsRmapRecord> = oracle
         .iter()
-        .filter(|r| r.agno == agno && r.agbno <= last && r.agbno + r.block_count - 1 >= first)
+        .filter(|r| r.agno == agno && r.agbno <= last && r.agbno + r.block_count > first)
         .copied()
         .collect();
     v.sort_unstable();

@@ -53,17 +53,17 @@ impl MetaIo {
             .map_err(|source| RmapError::XfsBuffers { device: device.clone(), source })?;
         let channel = dev
             .open_channel(ChannelOpts { reactor_index: 0, queue_depth: 1 })
-            .map_err(|source| RmapError::XfsChannel { device: device.clone(), source })?;
+            .map_err(|source| RmapError::XfsChannel { device: device.clone(), source: Box::new(source) })?;
         let dev_block_bytes = u64::from(geo.block_size.max(1));
         let max = u64::from(geo.max_transfer_bytes).min(u64::from(READ_BUF_BYTES));
         let chunk_bytes = (max / dev_block_bytes) * dev_block_bytes;
         if chunk_bytes == 0 {
             return Err(RmapError::XfsChannel {
                 device: device.clone(),
-                source: nvstack_blockdev::BdevError::Channel {
+                source: Box::new(nvstack_blockdev::BdevError::Channel {
                     name: device,
                     reason: "block size larger than the largest transfer or than 64 KiB".into(),
-                },
+                }),
             });
         }
         Ok(MetaIo {

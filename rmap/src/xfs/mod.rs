@@ -184,7 +184,7 @@ impl XfsRmap {
         let mut sb_buf = vec![0u8; first as usize];
         io.read(opts.base_offset_bytes, &mut sb_buf)?;
         let sb = XfsSuperblock::parse(&sb_buf, opts.base_offset_bytes)?;
-        let needed = opts.base_offset_bytes.checked_add(sb.data_bytes()).unwrap_or(u64::MAX);
+        let needed = opts.base_offset_bytes.saturating_add(sb.data_bytes());
         if needed > io.dev_bytes() {
             return Err(RmapError::XfsTruncated { device, device_bytes: io.dev_bytes(), needed_bytes: needed });
         }

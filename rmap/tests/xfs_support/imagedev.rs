@@ -159,6 +159,7 @@ impl BlockDev for ImageDev {
 struct ImageChannel {
     dev: Arc<Image>,
     geo: Geometry,
+    #[allow(clippy::vec_box)] // descriptors travel boxed through the IoChannel contract
     done: Vec<Box<IoDesc>>,
     depth: u32,
 }
