@@ -170,7 +170,11 @@ pub fn report(info: &CtrlrInfo, namespaces: &[Namespace], pci: Option<&PciFuncti
         sgl: sgl.to_string(),
         volatile_write_cache: info.volatile_write_cache,
         oncs: info.oncs,
-        optional_nvm_commands: ONCS_NAMES.iter().filter(|(b, _)| info.oncs & b != 0).map(|(_, n)| (*n).to_string()).collect(),
+        optional_nvm_commands: ONCS_NAMES
+            .iter()
+            .filter(|(b, _)| info.oncs & b != 0)
+            .map(|(_, n)| (*n).to_string())
+            .collect(),
         namespace_count: info.namespace_count,
         aer_limit: info.aer_limit,
         abort_limit: info.abort_limit,
@@ -267,7 +271,11 @@ pub fn render_text(r: &ControllerReport, out: &mut impl Write) -> std::io::Resul
         writeln!(out, "  LBA Formats:")?;
         for f in &n.lba_formats {
             let mark = if f.in_use { "  (in use)" } else { "" };
-            writeln!(out, "    LBAF{:<2} data {:>5} metadata {:>3} rp {}{mark}", f.index, f.block_size, f.metadata_bytes, f.relative_performance)?;
+            writeln!(
+                out,
+                "    LBAF{:<2} data {:>5} metadata {:>3} rp {}{mark}",
+                f.index, f.block_size, f.metadata_bytes, f.relative_performance
+            )?;
         }
     }
     Ok(())
@@ -392,7 +400,11 @@ pub fn run(args: IdentifyArgs, _g: &GlobalOpts) -> Result<ExitCode, AppError> {
         Some(r) if !r.as_os_str().is_empty() => Sysfs::new(r),
         _ => Sysfs::system(),
     };
-    let size_bytes = args.arena_mb.checked_mul(1 << 20).filter(|&b| b > 0).ok_or_else(|| AppError::Usage(format!("--arena-mb {} is out of range", args.arena_mb)))?;
+    let size_bytes = args
+        .arena_mb
+        .checked_mul(1 << 20)
+        .filter(|&b| b > 0)
+        .ok_or_else(|| AppError::Usage(format!("--arena-mb {} is out of range", args.arena_mb)))?;
     let mut notes: Vec<String> = Vec::new();
     let reports = match targets(&args, &sysfs)? {
         Target::Sim => {
@@ -413,7 +425,10 @@ pub fn run(args: IdentifyArgs, _g: &GlobalOpts) -> Result<ExitCode, AppError> {
                     Some(f) => {
                         let same = serde_json::to_value(f).ok() == serde_json::to_value(&reports).ok();
                         if !same {
-                            return Err(AppError::Failed(format!("re-attach round {}: identify data differs from round 1", round + 1)));
+                            return Err(AppError::Failed(format!(
+                                "re-attach round {}: identify data differs from round 1",
+                                round + 1
+                            )));
                         }
                     }
                 }

@@ -138,11 +138,21 @@ fn node_list(items: &[String]) -> Result<Vec<u32>, AppError> {
         .iter()
         .flat_map(|s| s.split([',', ' ']))
         .filter(|s| !s.is_empty())
-        .map(|s| s.trim_start_matches("node").parse::<u32>().map_err(|_| AppError::Usage(format!("HUGENODE: `{s}` is not a node number"))))
+        .map(|s| {
+            s.trim_start_matches("node")
+                .parse::<u32>()
+                .map_err(|_| AppError::Usage(format!("HUGENODE: `{s}` is not a node number")))
+        })
         .collect()
 }
 
-fn config(sysfs: &Sysfs, args: &SetupArgs, allow: &[PciAddress], block: &[PciAddress], out: &mut impl Write) -> Result<ExitCode, AppError> {
+fn config(
+    sysfs: &Sysfs,
+    args: &SetupArgs,
+    allow: &[PciAddress],
+    block: &[PciAddress],
+    out: &mut impl Write,
+) -> Result<ExitCode, AppError> {
     let mut failed = Vec::new();
     let pages = hugepages::pages_wanted(args.hugemem_mb, args.nr_huge)
         .ok_or_else(|| AppError::Usage(format!("HUGEMEM={} MiB is too large", args.hugemem_mb)))?;
@@ -165,11 +175,22 @@ fn config(sysfs: &Sysfs, args: &SetupArgs, allow: &[PciAddress], block: &[PciAdd
         let head = format!("{} ({:04x} {:04x})", f.bdf, f.vendor, f.device);
         let current = f.driver.clone().unwrap_or_else(|| "no driver".into());
         if f.driver.as_deref() == Some(VFIO_PCI) {
-            emit(out, format_args!("{head}: already bound to vfio-pci (/dev/vfio/{})", f.iommu_group.map_or("?".into(), |g| g.to_string())))?;
+            emit(
+                out,
+                format_args!(
+                    "{head}: already bound to vfio-pci (/dev/vfio/{})",
+                    f.iommu_group.map_or("?".into(), |g| g.to_string())
+                ),
+            )?;
             continue;
         }
         if f.iommu_group.is_none() {
-            emit(out, format_args!("{head}: skipping: no IOMMU group (the IOMMU is off: boot with intel_iommu=on or amd_iommu=on)"))?;
+            emit(
+                out,
+                format_args!(
+                    "{head}: skipping: no IOMMU group (the IOMMU is off: boot with intel_iommu=on or amd_iommu=on)"
+                ),
+            )?;
             failed.push(format!("{} has no IOMMU group", f.bdf));
             continue;
         }
@@ -182,7 +203,8 @@ fn config(sysfs: &Sysfs, args: &SetupArgs, allow: &[PciAddress], block: &[PciAdd
         match bind(sysfs, &f, Some(VFIO_PCI), timeout) {
             Ok(now) => {
                 let group = f.iommu_group.map(|g| sysfs.vfio_group_file(g));
-                let dev = group.as_ref().filter(|p| p.exists()).map_or(String::new(), |p| format!(" ({})", p.display()));
+                let dev =
+                    group.as_ref().filter(|p| p.exists()).map_or(String::new(), |p| format!(" ({})", p.display()));
                 emit(out, format_args!("{head}: {current} -> {now}{dev}"))?;
             }
             Err(e) => {
@@ -194,7 +216,13 @@ fn config(sysfs: &Sysfs, args: &SetupArgs, allow: &[PciAddress], block: &[PciAdd
     finish(failed)
 }
 
-fn reset(sysfs: &Sysfs, args: &SetupArgs, allow: &[PciAddress], block: &[PciAddress], out: &mut impl Write) -> Result<ExitCode, AppError> {
+fn reset(
+    sysfs: &Sysfs,
+    args: &SetupArgs,
+    allow: &[PciAddress],
+    block: &[PciAddress],
+    out: &mut impl Write,
+) -> Result<ExitCode, AppError> {
     let timeout = Duration::from_millis(args.bind_timeout_ms);
     let mut failed = Vec::new();
     let functions = selected(sysfs, allow, block, out)?;
@@ -246,7 +274,10 @@ fn ensure_driver(sysfs: &Sysfs, driver: &str) -> Result<(), AppError> {
             return Ok(());
         }
     }
-    Err(AppError::Failed(format!("the {driver} driver is not available: load it with `modprobe {}`", driver.replace('-', "_"))))
+    Err(AppError::Failed(format!(
+        "the {driver} driver is not available: load it with `modprobe {}`",
+        driver.replace('-', "_")
+    )))
 }
 
 /// Wait until `cond` holds, polling every millisecond, for at most `timeout`.
@@ -358,17 +389,33 @@ fn status(sysfs: &Sysfs, json: bool, out: &mut impl Write) -> Result<ExitCode, A
         emit(out, format_args!("{:<8} {:>8}kB {:>8} / {:>6}", node, l.size_kb, l.free, l.total))?;
     }
     emit(out, format_args!(""))?;
-    emit(out, format_args!("{:<6} {:<13} {:<6} {:<6} {:<5} {:<9} {:<6} {:<12} {}", "Type", "BDF", "Vendor", "Device", "NUMA", "Driver", "Group", "Device", "Block devices"))?;
+    emit(
+        out,
+        format_args!(
+            "{:<6} {:<13} {:<6} {:<6} {:<5} {:<9} {:<6} {:<12} {}",
+            "Type", "BDF", "Vendor", "Device", "NUMA", "Driver", "Group", "Device", "Block devices"
+        ),
+    )?;
     for r in &rows {
         let numa = r.numa_node.map_or_else(|| "-".to_string(), |n| n.to_string());
         let driver = r.driver.as_deref().unwrap_or("-");
         let group = r.iommu_group.map_or_else(|| "-".to_string(), |g| g.to_string());
-        let dev = if r.controllers.is_empty() { r.vfio_group_file.clone().unwrap_or_else(|| "-".into()) } else { r.controllers.join(",") };
+        let dev = if r.controllers.is_empty() {
+            r.vfio_group_file.clone().unwrap_or_else(|| "-".into())
+        } else {
+            r.controllers.join(",")
+        };
         let mut blocks = if r.block_devices.is_empty() { "-".to_string() } else { r.block_devices.join(" ") };
         if !r.in_use.is_empty() {
             blocks.push_str(&format!("  (in use: {})", r.in_use.join("; ")));
         }
-        emit(out, format_args!("{:<6} {:<13} {:<6} {:<6} {:<5} {:<9} {:<6} {:<12} {}", "NVMe", r.bdf, r.vendor, r.device, numa, driver, group, dev, blocks))?;
+        emit(
+            out,
+            format_args!(
+                "{:<6} {:<13} {:<6} {:<6} {:<5} {:<9} {:<6} {:<12} {}",
+                "NVMe", r.bdf, r.vendor, r.device, numa, driver, group, dev, blocks
+            ),
+        )?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -379,10 +426,13 @@ mod tests {
 
     #[test]
     fn lists_split_on_spaces_and_commas() {
-        let v = parse_list(&["0000:00:04.0 00:05.0".into(), "0000:00:06.0,0000:00:07.0".into(), String::new()], "x").unwrap();
+        let v = parse_list(&["0000:00:04.0 00:05.0".into(), "0000:00:06.0,0000:00:07.0".into(), String::new()], "x")
+            .unwrap();
         assert_eq!(v.len(), 4);
         assert_eq!(v[1].to_string(), "0000:00:05.0");
-        assert!(matches!(parse_list(&["nonsense".into()], "PCI_ALLOWED"), Err(AppError::Usage(m)) if m.contains("PCI_ALLOWED")));
+        assert!(
+            matches!(parse_list(&["nonsense".into()], "PCI_ALLOWED"), Err(AppError::Usage(m)) if m.contains("PCI_ALLOWED"))
+        );
         assert_eq!(node_list(&["0,1".into(), "node2".into()]).unwrap(), vec![0, 1, 2]);
         assert!(node_list(&["x".into()]).is_err());
     }

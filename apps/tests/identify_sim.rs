@@ -57,7 +57,8 @@ fn identifies_the_simulator_as_json() {
     assert_eq!(c["namespaces"][0]["block_size"], 512);
     assert_eq!(c["namespaces"][1]["block_size"], 4096);
     assert_eq!(c["namespaces"][1]["size_bytes"], 16 << 20);
-    let in_use: Vec<_> = c["namespaces"][1]["lba_formats"].as_array().unwrap().iter().filter(|f| f["in_use"] == true).collect();
+    let in_use: Vec<_> =
+        c["namespaces"][1]["lba_formats"].as_array().unwrap().iter().filter(|f| f["in_use"] == true).collect();
     assert_eq!(in_use.len(), 1);
     assert_eq!(in_use[0]["block_size"], 4096);
 }

@@ -54,7 +54,10 @@ fn binds_all_nvme_reserves_hugepages_and_resets() {
     let out = text(&o);
     assert!(o.status.success(), "{out}");
     assert!(out.contains("node0") && out.contains("2048kB") && out.contains("32 /     32"), "{out}");
-    assert!(out.lines().any(|l| l.starts_with("NVMe") && l.contains("0000:00:04.0") && l.contains("vfio-pci")), "{out}");
+    assert!(
+        out.lines().any(|l| l.starts_with("NVMe") && l.contains("0000:00:04.0") && l.contains("vfio-pci")),
+        "{out}"
+    );
 
     let o = nvstack(&t, &["setup", "status", "--json"], &[]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&o)));
@@ -80,7 +83,11 @@ fn honours_allow_and_block_lists() {
         t.add_nvme(bdf, Some("nvme"), Some(g));
     }
     let _k = t.kernel();
-    let o = nvstack(&t, &["setup"], &[("HUGEMEM", "0"), ("PCI_ALLOWED", "0000:00:04.0 0000:00:05.0"), ("PCI_BLOCKED", "0000:00:05.0")]);
+    let o = nvstack(
+        &t,
+        &["setup"],
+        &[("HUGEMEM", "0"), ("PCI_ALLOWED", "0000:00:04.0 0000:00:05.0"), ("PCI_BLOCKED", "0000:00:05.0")],
+    );
     let out = text(&o);
     assert!(o.status.success(), "{out}");
     assert!(out.contains("0000:00:05.0 (1b36 0010): skipping: in PCI_BLOCKED"), "{out}");
@@ -116,7 +123,10 @@ fn skips_mounted_and_iommu_less_devices() {
     let o = nvstack(&t, &["setup", "--hugemem", "0"], &[]);
     let out = text(&o);
     assert!(o.status.success(), "in-use devices are skipped, not failures: {out}");
-    assert!(out.contains("0000:00:04.0 (1b36 0010): skipping: in use by the host: nvme0n1p1 is mounted on /mnt/data"), "{out}");
+    assert!(
+        out.contains("0000:00:04.0 (1b36 0010): skipping: in use by the host: nvme0n1p1 is mounted on /mnt/data"),
+        "{out}"
+    );
     assert!(out.contains("0000:00:05.0 (1b36 0010): skipping: in use by the host: nvme1n1 is held by dm-0"), "{out}");
     assert_eq!(t.driver_of("0000:00:04.0").as_deref(), Some("nvme"));
     assert_eq!(t.driver_of("0000:00:05.0").as_deref(), Some("nvme"));

@@ -70,12 +70,22 @@ pub fn report(sysfs: &Sysfs) -> Result<Vec<HugeLine>, DriverError> {
     let nodes = nodes(sysfs);
     if nodes.is_empty() {
         for (kb, d) in size_dirs(&sysfs.path("/sys/kernel/mm/hugepages")) {
-            out.push(HugeLine { node: None, size_kb: kb, free: read_u64(sysfs, &d.join("free_hugepages"))?, total: read_u64(sysfs, &d.join("nr_hugepages"))? });
+            out.push(HugeLine {
+                node: None,
+                size_kb: kb,
+                free: read_u64(sysfs, &d.join("free_hugepages"))?,
+                total: read_u64(sysfs, &d.join("nr_hugepages"))?,
+            });
         }
     }
     for n in nodes {
         for (kb, d) in size_dirs(&sysfs.path(&format!("/sys/devices/system/node/node{n}/hugepages"))) {
-            out.push(HugeLine { node: Some(n), size_kb: kb, free: read_u64(sysfs, &d.join("free_hugepages"))?, total: read_u64(sysfs, &d.join("nr_hugepages"))? });
+            out.push(HugeLine {
+                node: Some(n),
+                size_kb: kb,
+                free: read_u64(sysfs, &d.join("free_hugepages"))?,
+                total: read_u64(sysfs, &d.join("nr_hugepages"))?,
+            });
         }
     }
     Ok(out)
@@ -112,7 +122,14 @@ pub fn reserve(sysfs: &Sysfs, pages: u64, nodes: &[u32]) -> Result<Vec<Reserved>
     } else {
         nodes
             .iter()
-            .map(|n| (Some(*n), sysfs.path(&format!("/sys/devices/system/node/node{n}/hugepages/hugepages-{HUGEPAGE_KB}kB/nr_hugepages"))))
+            .map(|n| {
+                (
+                    Some(*n),
+                    sysfs.path(&format!(
+                        "/sys/devices/system/node/node{n}/hugepages/hugepages-{HUGEPAGE_KB}kB/nr_hugepages"
+                    )),
+                )
+            })
             .collect()
     };
     for (node, p) in targets {

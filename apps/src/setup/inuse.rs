@@ -9,7 +9,8 @@ use nvstack_driver::vfio::{PciAddress, Sysfs};
 pub fn block_devices(sysfs: &Sysfs, bdf: PciAddress) -> Vec<String> {
     let mut out = Vec::new();
     for ns in namespaces(sysfs, bdf) {
-        let parts = list(&sysfs.path("/sys/block").join(&ns)).into_iter().filter(|p| p.starts_with(ns.as_str()) && *p != ns);
+        let parts =
+            list(&sysfs.path("/sys/block").join(&ns)).into_iter().filter(|p| p.starts_with(ns.as_str()) && *p != ns);
         let mut parts: Vec<String> = parts.collect();
         parts.sort();
         out.push(ns);
@@ -118,7 +119,11 @@ mod tests {
         t.add_block("0000:00:04.0", "nvme0", &["nvme0n1", "nvme0n2"], &["nvme0n1p1"]);
         t.add_mount("/dev/nvme0n1p1", "/mnt/data", "xfs");
         t.add_holder("nvme0n2", "dm-0");
-        std::fs::write(t.root().join("proc/swaps"), "Filename Type Size Used Priority\n/dev/nvme0n1 partition 1 0 -2\n").unwrap();
+        std::fs::write(
+            t.root().join("proc/swaps"),
+            "Filename Type Size Used Priority\n/dev/nvme0n1 partition 1 0 -2\n",
+        )
+        .unwrap();
         let u = users(&t.sysfs(), bdf());
         assert_eq!(u, vec!["nvme0n1 is used as swap", "nvme0n1p1 is mounted on /mnt/data", "nvme0n2 is held by dm-0"]);
     }

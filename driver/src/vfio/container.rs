@@ -52,7 +52,9 @@ impl VfioContainer {
     /// be opened, [`DriverError::VfioOpen`] when the kernel lacks the VFIO API version or type1v2.
     pub fn open() -> Result<Arc<VfioContainer>, DriverError> {
         let inner = vfio_ioctls::VfioContainer::new(None).map_err(|e| match e {
-            vfio_ioctls::VfioError::OpenContainer(io) => classify_open("container", std::path::Path::new("/dev/vfio/vfio"), io),
+            vfio_ioctls::VfioError::OpenContainer(io) => {
+                classify_open("container", std::path::Path::new("/dev/vfio/vfio"), io)
+            }
             other => DriverError::VfioOpen {
                 bdf: "container".into(),
                 step: "checking the VFIO API and the type1v2 IOMMU (load it: `modprobe vfio_iommu_type1`)",
@@ -130,9 +132,12 @@ impl VfioContainer {
         for r in regions {
             let len = usize::try_from(r.len)
                 .map_err(|_| DriverError::ArenaSize { size_bytes: r.len, reason: "does not fit the address space" })?;
-            inner
-                .vfio_dma_unmap(r.iova, len)
-                .map_err(|source| DriverError::VfioDma { op: "unmap", iova: r.iova, size_bytes: r.len, source })?;
+            inner.vfio_dma_unmap(r.iova, len).map_err(|source| DriverError::VfioDma {
+                op: "unmap",
+                iova: r.iova,
+                size_bytes: r.len,
+                source,
+            })?;
             tracing::debug!(iova = r.iova, size_bytes = r.len, "arena unmapped");
         }
         Ok(())
@@ -173,7 +178,8 @@ mod tests {
     #[test]
     fn an_ordinary_arena_is_refused_before_any_vfio_call() {
         // No container can be opened on a host without VFIO; the arena check needs none.
-        let arena = Arena::new(crate::dma::ArenaConfig { size_bytes: 2 << 20, require_hugepages: false, try_1g: false });
+        let arena =
+            Arena::new(crate::dma::ArenaConfig { size_bytes: 2 << 20, require_hugepages: false, try_1g: false });
         let Ok(arena) = arena else { return };
         if arena.backing().is_huge() {
             return; // hugepages reserved on this host: nothing to refuse

@@ -62,10 +62,14 @@ impl std::fmt::Debug for VfioDevice {
 fn open_err(bdf: PciAddress, step: &'static str, e: vfio_ioctls::VfioError, sysfs: &Sysfs, group: u32) -> DriverError {
     let name = bdf.to_string();
     match e {
-        vfio_ioctls::VfioError::OpenGroup(io, g) => classify_open(&name, &std::path::Path::new("/dev/vfio").join(g), io),
+        vfio_ioctls::VfioError::OpenGroup(io, g) => {
+            classify_open(&name, &std::path::Path::new("/dev/vfio").join(g), io)
+        }
         vfio_ioctls::VfioError::GroupViable => {
             let others = super::sysfs::group_blockers(sysfs, bdf, group)
-                .map(|b| if b.is_empty() { "another function of the group is in use".to_string() } else { b.join(", ") })
+                .map(
+                    |b| if b.is_empty() { "another function of the group is in use".to_string() } else { b.join(", ") },
+                )
                 .unwrap_or_else(|e| format!("its members could not be read ({e})"));
             DriverError::VfioGroupNotViable { bdf: name, group, others }
         }
@@ -104,29 +108,44 @@ impl VfioDevice {
         // and region_write log and drop them).
         // SAFETY: the raw fd belongs to `dev`, which is alive for this statement; try_clone_to_owned dup()s it, so
         // the File we keep owns its own descriptor.
-        let config: File = unsafe { BorrowedFd::borrow_raw(dev.as_raw_fd()) }
-            .try_clone_to_owned()
-            .map(File::from)
-            .map_err(|e| DriverError::VfioConfig { bdf: name.clone(), op: "dup of the device file", offset: 0, source: e })?;
+        let config: File =
+            unsafe { BorrowedFd::borrow_raw(dev.as_raw_fd()) }.try_clone_to_owned().map(File::from).map_err(|e| {
+                DriverError::VfioConfig { bdf: name.clone(), op: "dup of the device file", offset: 0, source: e }
+            })?;
 
         let index = VFIO_PCI_BAR0_REGION_INDEX;
         let size = dev.get_region_size(index);
         if size < NVME_BAR0_MIN_BYTES {
-            return Err(DriverError::VfioBar { bdf: name, index, reason: format!("{size} bytes, an NVMe BAR0 needs at least {NVME_BAR0_MIN_BYTES}") });
+            return Err(DriverError::VfioBar {
+                bdf: name,
+                index,
+                reason: format!("{size} bytes, an NVMe BAR0 needs at least {NVME_BAR0_MIN_BYTES}"),
+            });
         }
         let offset = dev.get_region_offset(index);
         let prefix = mappable_prefix(&dev, index, size);
         let map = if prefix > 0 {
-            let len = usize::try_from(prefix)
-                .map_err(|_| DriverError::VfioBar { bdf: name.clone(), index, reason: format!("{prefix} bytes do not fit the address space") })?;
-            Some(MappedBar::map(&config, offset, len).map_err(|source| DriverError::VfioMmap { bdf: name.clone(), index, size_bytes: prefix, source })?)
+            let len = usize::try_from(prefix).map_err(|_| DriverError::VfioBar {
+                bdf: name.clone(),
+                index,
+                reason: format!("{prefix} bytes do not fit the address space"),
+            })?;
+            Some(MappedBar::map(&config, offset, len).map_err(|source| DriverError::VfioMmap {
+                bdf: name.clone(),
+                index,
+                size_bytes: prefix,
+                source,
+            })?)
         } else {
             tracing::warn!(bdf = %name, "BAR0 is not mappable: register access goes through the device file (slow)");
             None
         };
-        let bar_file = config
-            .try_clone()
-            .map_err(|e| DriverError::VfioConfig { bdf: name.clone(), op: "dup of the device file", offset: 0, source: e })?;
+        let bar_file = config.try_clone().map_err(|e| DriverError::VfioConfig {
+            bdf: name.clone(),
+            op: "dup of the device file",
+            offset: 0,
+            source: e,
+        })?;
         let bar0 = Bar::new(map, bar_file, offset, size);
 
         let cfg_index = VFIO_PCI_CONFIG_REGION_INDEX;
@@ -205,7 +224,8 @@ impl VfioDevice {
     /// [`DriverError::VfioConfig`] when the read fails or is out of range.
     pub fn config_read16(&self, offset: u64) -> Result<u16, DriverError> {
         let err = |source| DriverError::VfioConfig { bdf: self.name.clone(), op: "read", offset, source };
-        let at = self.config_at(offset, 2).ok_or_else(|| err(std::io::Error::from(std::io::ErrorKind::InvalidInput)))?;
+        let at =
+            self.config_at(offset, 2).ok_or_else(|| err(std::io::Error::from(std::io::ErrorKind::InvalidInput)))?;
         let mut b = [0u8; 2];
         self.config.read_exact_at(&mut b, at).map_err(err)?;
         Ok(u16::from_le_bytes(b))
@@ -217,7 +237,8 @@ impl VfioDevice {
     /// [`DriverError::VfioConfig`] when the write fails or is out of range.
     pub fn config_write16(&self, offset: u64, value: u16) -> Result<(), DriverError> {
         let err = |source| DriverError::VfioConfig { bdf: self.name.clone(), op: "write", offset, source };
-        let at = self.config_at(offset, 2).ok_or_else(|| err(std::io::Error::from(std::io::ErrorKind::InvalidInput)))?;
+        let at =
+            self.config_at(offset, 2).ok_or_else(|| err(std::io::Error::from(std::io::ErrorKind::InvalidInput)))?;
         self.config.write_all_at(&value.to_le_bytes(), at).map_err(err)
     }
 

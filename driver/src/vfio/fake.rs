@@ -69,7 +69,9 @@ impl FakeTree {
         write(&t.root.join("dev/vfio/vfio"), "");
         write(&t.root.join("proc/mounts"), "proc /proc proc rw 0 0\n");
         write(&t.root.join("proc/swaps"), "Filename\tType\tSize\tUsed\tPriority\n");
-        for base in ["sys/kernel/mm/hugepages/hugepages-2048kB", "sys/devices/system/node/node0/hugepages/hugepages-2048kB"] {
+        for base in
+            ["sys/kernel/mm/hugepages/hugepages-2048kB", "sys/devices/system/node/node0/hugepages/hugepages-2048kB"]
+        {
             write(&t.root.join(base).join("nr_hugepages"), "0\n");
             write(&t.root.join(base).join("free_hugepages"), "0\n");
         }
@@ -101,7 +103,15 @@ impl FakeTree {
     }
 
     /// Add a PCI function.
-    pub fn add_function(&self, bdf: &str, vendor: u16, device: u16, class: u32, driver: Option<&str>, group: Option<u32>) {
+    pub fn add_function(
+        &self,
+        bdf: &str,
+        vendor: u16,
+        device: u16,
+        class: u32,
+        driver: Option<&str>,
+        group: Option<u32>,
+    ) {
         let dir = self.root.join("sys/bus/pci/devices").join(bdf);
         write(&dir.join("vendor"), &format!("0x{vendor:04x}\n"));
         write(&dir.join("device"), &format!("0x{device:04x}\n"));
@@ -129,7 +139,11 @@ impl FakeTree {
             must(std::fs::create_dir_all(cdir.join(ns)), "mkdir", &cdir);
             must(std::fs::create_dir_all(self.root.join("sys/block").join(ns).join("holders")), "mkdir", &cdir);
             for p in partitions.iter().filter(|p| p.starts_with(ns)) {
-                must(std::fs::create_dir_all(self.root.join("sys/block").join(ns).join(p).join("holders")), "mkdir", &cdir);
+                must(
+                    std::fs::create_dir_all(self.root.join("sys/block").join(ns).join(p).join("holders")),
+                    "mkdir",
+                    &cdir,
+                );
             }
         }
     }
@@ -246,7 +260,11 @@ fn step(root: &Path, hp: &mut HpState) {
             let dev = root.join("sys/bus/pci/devices").join(&bdf);
             let over = std::fs::read_to_string(dev.join("driver_override")).unwrap_or_default();
             let over = over.trim();
-            let driver = if over.is_empty() || over == "(null)" { default_driver(root, &dev).map(str::to_string) } else { Some(over.to_string()) };
+            let driver = if over.is_empty() || over == "(null)" {
+                default_driver(root, &dev).map(str::to_string)
+            } else {
+                Some(over.to_string())
+            };
             if let Some(d) = driver.filter(|d| drivers.join(d).is_dir()) {
                 bind(root, &bdf, &d);
             }

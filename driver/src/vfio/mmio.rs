@@ -37,7 +37,14 @@ impl MappedBar {
         // SAFETY: a fresh mapping chosen by the kernel (addr null, no MAP_FIXED), so no existing memory is affected;
         // the fd is open for the duration of the call. The result is checked for MAP_FAILED below.
         let p = unsafe {
-            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd.as_raw_fd(), off)
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                off,
+            )
         };
         if p == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
@@ -182,7 +189,8 @@ mod tests {
 
     /// A BAR stand-in: a temp file mapped shared, 16 KiB, the first 8 KiB mapped and the rest through the file.
     fn fake_bar() -> (Bar, std::path::PathBuf) {
-        let p = std::env::temp_dir().join(format!("nvstack-bar-{}-{:?}", std::process::id(), std::thread::current().id()));
+        let p =
+            std::env::temp_dir().join(format!("nvstack-bar-{}-{:?}", std::process::id(), std::thread::current().id()));
         let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&p).unwrap();
         f.set_len(16384 + 4096).unwrap();
         // Region at file offset 4096, as VFIO places regions at offsets in the device file.

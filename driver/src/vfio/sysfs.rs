@@ -59,8 +59,14 @@ impl FromStr for PciAddress {
         };
         let domain = hex(domain, "domain is not hex")?;
         let bus = u8::try_from(hex(bus, "bus is not hex")?).map_err(|_| bad("bus above ff"))?;
-        let device = u8::try_from(hex(dev, "device is not hex")?).ok().filter(|d| *d < 32).ok_or_else(|| bad("device above 1f"))?;
-        let function = u8::try_from(hex(func, "function is not hex")?).ok().filter(|f| *f < 8).ok_or_else(|| bad("function above 7"))?;
+        let device = u8::try_from(hex(dev, "device is not hex")?)
+            .ok()
+            .filter(|d| *d < 32)
+            .ok_or_else(|| bad("device above 1f"))?;
+        let function = u8::try_from(hex(func, "function is not hex")?)
+            .ok()
+            .filter(|f| *f < 8)
+            .ok_or_else(|| bad("function above 7"))?;
         Ok(PciAddress { domain, bus, device, function })
     }
 }
@@ -185,8 +191,11 @@ impl Sysfs {
     pub fn write_attr(&self, path: &Path, value: &str) -> Result<(), DriverError> {
         use std::io::Write;
         // O_TRUNC as a shell's `>` does: sysfs ignores it, a regular file (a fake tree) needs it.
-        let mut f =
-            std::fs::OpenOptions::new().write(true).truncate(true).open(path).map_err(|e| io_err("writing", path, e))?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(path)
+            .map_err(|e| io_err("writing", path, e))?;
         // One write call: sysfs stores take the whole buffer at once.
         f.write_all(value.as_bytes()).map_err(|e| io_err("writing", path, e))?;
         tracing::debug!(path = %path.display(), value, "sysfs write");
@@ -224,7 +233,11 @@ impl Sysfs {
         match self.link_name(&link)? {
             None => Ok(None),
             Some(n) => n.parse::<u32>().map(Some).map_err(|_| {
-                io_err("parsing", &link, io::Error::new(io::ErrorKind::InvalidData, format!("group `{n}` is not a number")))
+                io_err(
+                    "parsing",
+                    &link,
+                    io::Error::new(io::ErrorKind::InvalidData, format!("group `{n}` is not a number")),
+                )
             }),
         }
     }
@@ -401,7 +414,8 @@ mod tests {
         assert_eq!(bdf("0000:00:04.0").to_string(), "0000:00:04.0");
         assert_eq!(bdf("00:1f.7").to_string(), "0000:00:1f.7");
         assert_eq!(bdf("10000:af:1f.7"), PciAddress { domain: 0x10000, bus: 0xaf, device: 0x1f, function: 7 });
-        for bad in ["", "0000:00:04", "0000:00:20.0", "0000:00:04.8", "0000:100:04.0", "zz:00.0", "0:0:0:0.0", "00:.0"] {
+        for bad in ["", "0000:00:04", "0000:00:20.0", "0000:00:04.8", "0000:100:04.0", "zz:00.0", "0:0:0:0.0", "00:.0"]
+        {
             let e = bad.parse::<PciAddress>().unwrap_err();
             assert!(matches!(e, DriverError::PciAddress { .. }), "{bad}: {e}");
             assert!(e.to_string().contains("0000:00:04.0"), "the message shows the form: {e}");
@@ -440,7 +454,10 @@ mod tests {
         let e = check_vfio_ready(&t.sysfs(), bdf("0000:00:04.0")).unwrap_err();
         assert!(matches!(&e, DriverError::VfioWrongDriver { driver, .. } if driver == "nvme"), "{e}");
         let msg = e.to_string();
-        assert!(msg.contains("bound to nvme") && msg.contains("nvstack setup") && msg.contains("0000:00:04.0"), "{msg}");
+        assert!(
+            msg.contains("bound to nvme") && msg.contains("nvstack setup") && msg.contains("0000:00:04.0"),
+            "{msg}"
+        );
     }
 
     #[test]
