@@ -92,6 +92,15 @@ pub fn run(args: SetupArgs, _g: &GlobalOpts) -> Result<ExitCode, AppError> {
     };
     let allow = parse_list(&args.allow, "PCI_ALLOWED")?;
     let block = parse_list(&args.block, "PCI_BLOCKED")?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if args.mode != Mode::Status && sysfs.is_system() && euid != 0 {
+        return Err(AppError::Failed(
+            "nvstack setup changes drivers and hugepages through sysfs: run it as root (sudo nvstack setup); \
+             `nvstack setup status` works as any user"
+                .into(),
+        ));
+    }
     let mut out = std::io::stdout().lock();
     match args.mode {
         Mode::Status => status(&sysfs, args.json, &mut out),
