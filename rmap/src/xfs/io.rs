@@ -289,3 +289,37 @@ impl BlockCache {
         (self.hits, self.misses)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_hits_evicts_and_invalidates() {
+        let mut c = BlockCache::new(2, 8);
+        let mut out = [0u8; 8];
+        assert!(!c.get(0, &mut out));
+        c.insert(0, 0, &[1; 8]);
+        c.insert(8, 1, &[2; 8]);
+        assert!(c.get(0, &mut out) && out == [1; 8]);
+        // Block 0 was just used: CLOCK evicts block 8 for the third one.
+        c.insert(16, 1, &[3; 8]);
+        assert!(c.get(0, &mut out));
+        assert!(!c.get(8, &mut out));
+        assert!(c.get(16, &mut out) && out == [3; 8]);
+        // Wrong-sized data is never cached.
+        c.insert(24, 0, &[9; 4]);
+        assert!(!c.get(24, &mut out));
+        c.invalidate(Some(1));
+        assert!(!c.get(16, &mut out));
+        assert!(c.get(0, &mut out));
+        c.invalidate(None);
+        assert!(!c.get(0, &mut out));
+        let (hits, misses) = c.stats();
+        assert_eq!((hits, misses), (4, 5));
+        // A cache of no slots stores nothing.
+        let mut none = BlockCache::new(0, 8);
+        none.insert(0, 0, &[1; 8]);
+        assert!(!none.get(0, &mut out));
+    }
+}

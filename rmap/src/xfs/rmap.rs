@@ -240,3 +240,85 @@ impl Key {
         Key { startblock: be32(buf, off), owner: be64(buf, off + 4), offset: be64(buf, off + 12) & !OFF_UNWRITTEN }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sb() -> XfsSuperblock {
+        XfsSuperblock {
+            block_size: 4096,
+            block_log: 12,
+            sector_size: 512,
+            data_blocks: 4 * 40960,
+            ag_blocks: 40960,
+            ag_count: 4,
+            ag_block_log: 16,
+            inodes_per_block_log: 3,
+            log_start: 0,
+            log_blocks: 0,
+            root_inode: 128,
+            meta_uuid: [0; 16],
+            uuid: [0; 16],
+            has_finobt: true,
+            has_rmapbt: true,
+            has_reflink: true,
+        }
+    }
+
+    fn rec(agbno: u32, block_count: u32, owner: u64, offset: u64) -> XfsRmapRecord {
+        XfsRmapRecord { agno: 0, agbno, block_count, owner, offset, attr_fork: false, bmbt: false, unwritten: false }
+    }
+
+    #[test]
+    fn keys_follow_xfs_rules() {
+        let data = rec(100, 10, 131, 50);
+        assert_eq!(data.low_key(), Key { startblock: 100, owner: 131, offset: 50 });
+        assert_eq!(data.high_key(), Key { startblock: 109, owner: 131, offset: 59 });
+        let bmbt = XfsRmapRecord { bmbt: true, offset: 0, ..data };
+        assert_eq!(bmbt.high_key(), Key { startblock: 109, owner: 131, offset: OFF_BMBT_BLOCK });
+        let meta = rec(7, 6, (-5i64) as u64, 0);
+        assert_eq!(meta.high_key().offset, 0);
+        let unwritten = XfsRmapRecord { unwritten: true, ..data };
+        assert_eq!(unwritten.low_key(), data.low_key(), "the unwritten bit is not part of a key");
+        let attr = XfsRmapRecord { attr_fork: true, ..data };
+        assert!(attr.low_key() > data.low_key());
+    }
+
+    #[test]
+    fn record_checks() {
+        let sb = sb();
+        assert_eq!(rec(0, 1, (-3i64) as u64, 0).check(&sb, 40960), Ok(()));
+        assert!(rec(0, 2, (-3i64) as u64, 0).check(&sb, 40960).is_err());
+        assert!(rec(0, 1, 131, 0).check(&sb, 40960).is_err());
+        assert_eq!(rec(10, 5, 131, 7).check(&sb, 40960), Ok(()));
+        assert!(rec(10, 0, 131, 7).check(&sb, 40960).is_err());
+        assert!(rec(40950, 20, 131, 7).check(&sb, 40960).is_err());
+        assert!(rec(10, 5, (-10i64) as u64, 0).check(&sb, 40960).is_err());
+        assert!(rec(10, 5, (-4i64) as u64, 3).check(&sb, 40960).is_err());
+        assert!(rec(10, 5, 0, 0).check(&sb, 40960).is_err(), "inode 0 does not exist");
+        assert!(rec(10, 5, 5u64 << 19, 0).check(&sb, 40960).is_err(), "inode in AG 5 of 4");
+        assert!(XfsRmapRecord { bmbt: true, ..rec(10, 1, 131, 4) }.check(&sb, 40960).is_err());
+        assert!(XfsRmapRecord { unwritten: true, attr_fork: true, ..rec(10, 1, 131, 4) }.check(&sb, 40960).is_err());
+        assert!(rec(10, 5, 131, MAX_FILE_BLOCKS - 2).check(&sb, 40960).is_err());
+        assert_eq!(XfsMetaKind::from_owner((-7i64) as u64), Some(XfsMetaKind::InodeChunks));
+        assert_eq!(XfsMetaKind::InodeChunks.owner_value(), -7);
+        assert_eq!(XfsMetaKind::from_owner(5), None);
+    }
+
+    #[test]
+    fn decode_flags_and_reserved_bits() {
+        let mut b = vec![0u8; 24];
+        b[0..4].copy_from_slice(&10u32.to_be_bytes());
+        b[4..8].copy_from_slice(&3u32.to_be_bytes());
+        b[8..16].copy_from_slice(&131u64.to_be_bytes());
+        b[16..24].copy_from_slice(&(OFF_ATTR_FORK | OFF_UNWRITTEN | 9).to_be_bytes());
+        let r = XfsRmapRecord::decode_checked(&b, 0, 2).unwrap();
+        assert_eq!((r.agno, r.agbno, r.block_count, r.owner, r.offset), (2, 10, 3, 131, 9));
+        assert!(r.attr_fork && r.unwritten && !r.bmbt);
+        b[17] |= 0x40; // bit 54: reserved
+        assert!(XfsRmapRecord::decode_checked(&b, 0, 2).is_err());
+        // Short buffers decode as zeros instead of panicking.
+        assert_eq!(XfsRmapRecord::decode(&b[..5], 0, 0).owner, 0);
+    }
+}
