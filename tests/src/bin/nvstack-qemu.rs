@@ -34,7 +34,7 @@ struct Args {
     /// Directory holding the `nvstack` binary and the guest helpers (default: this program's directory).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
-    /// Keep each run's directory (images, console log, sockets) in the temp dir.
+    /// Keep each run's directory (images, console log, sockets) under /dev/shm (or $NVSTACK_QEMU_RUN_ROOT).
     #[arg(long)]
     keep: bool,
     /// Print the whole console log of every scenario, not only of failed ones.
