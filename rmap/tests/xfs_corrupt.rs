@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use nvstack_rmap::error::XfsStructure;
-use nvstack_rmap::xfs::{crc, XfsOptions, XfsRmap, XfsSuperblock};
+use nvstack_rmap::xfs::{crc, XfsMetaKind, XfsOptions, XfsOwnerKind, XfsRmap, XfsSuperblock};
 use nvstack_rmap::RmapError;
 use proptest::prelude::*;
 use xfs_support::imagedev::ImageDev;
@@ -130,6 +130,9 @@ fn agf_corruption() {
     // Other AGs still answer; the corrupt one names itself.
     assert!(rm.owners(fs.block_off(0, 0), 4096).is_ok());
     assert!(matches!(rm.owners(fs.block_off(last, 10), 1), Err(RmapError::XfsBadMagic { what: XfsStructure::Agf, .. })));
+    // A corrupt (or poisoned) AGF is itself answerable: the header blocks belong to the AG headers.
+    let hdr = rm.owners(fs.agf_off(last), 512).expect("header blocks answer without the AGF");
+    assert!(hdr.len() == 1 && hdr[0].kind == XfsOwnerKind::Metadata(XfsMetaKind::AgHeaders), "{hdr:?}");
     fs.dev.clear_patches();
     fs.edit_agf(last, false, |b| b[100] ^= 1);
     assert!(matches!(fs.walk_err(), RmapError::XfsBadCrc { what: XfsStructure::Agf, .. }));

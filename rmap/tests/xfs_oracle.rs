@@ -167,4 +167,19 @@ fn device_block_sizes_and_offsets_do_not_change_answers() {
     // The same records after invalidation.
     rm.invalidate();
     assert_eq!(rm.records().unwrap().len(), oracle.len());
+
+    // The filesystem 1 MiB into a volume: answers shift with it; the bytes before it are outside the filesystem.
+    let shift = 1u64 << 20;
+    let dev = ImageDev::open_shifted(img, shift).unwrap();
+    let rm = XfsRmap::open_with(dev, &arena(), XfsOptions { base_offset_bytes: shift, ..XfsOptions::default() }).unwrap();
+    let bs = u64::from(rm.superblock().block_size);
+    for r in oracle.iter().step_by(7) {
+        let at = shift + rm.superblock().ag_block_bytes(r.agno, r.agbno) + bs / 2;
+        let got = rm.owners(at, 1).unwrap();
+        assert!(got.iter().any(|o| o.record == Some(*r)), "record {r:?} not found at shifted byte {at}");
+    }
+    let before = rm.owners(shift - 4096, 8192).unwrap();
+    assert_eq!(before[0].kind, XfsOwnerKind::OutsideFilesystem);
+    assert_eq!((before[0].offset_bytes, before[0].len_bytes), (shift - 4096, 4096));
+    assert!(before[1..].iter().all(|o| o.offset_bytes >= shift && o.record.is_some()));
 }

@@ -318,8 +318,18 @@ impl XfsRmap {
         out: &mut Vec<XfsOwner>,
     ) -> Result<(), RmapError> {
         let mut recs: Vec<XfsRmapRecord> = Vec::new();
-        let agf = self.agf_locked(inner, agno)?;
-        self.walk_tree(inner, agf, lo, hi, false, &mut |r| recs.push(*r))?;
+        match self.agf_locked(inner, agno) {
+            Ok(agf) => {
+                self.walk_tree(inner, agf, lo, hi, false, &mut |r| recs.push(*r))?;
+            }
+            // The header blocks (superblock copy, AGF, AGI, AGFL) belong to the headers whatever the btree says: a
+            // poisoned or corrupt AGF is itself answerable.
+            Err(e) if hi <= self.sb.agfl_block() => {
+                tracing::warn!(device = %self.device, agno, error = %e, "xfs rmap: AGF unreadable; answering for the header blocks");
+                recs.push(self.header_record(agno));
+            }
+            Err(e) => return Err(e),
+        }
         recs.sort_unstable_by_key(|r| r.agbno);
         let piece = |b0: u32, b1: u32| -> (u64, u64) {
             let start = self.base + self.sb.ag_block_bytes(agno, b0);
@@ -360,6 +370,20 @@ impl XfsRmap {
             out.push(free_piece(offset_bytes, len_bytes, agno, covered_to, hi - covered_to + 1));
         }
         Ok(())
+    }
+
+    /// The record every AG has for its header blocks (what XFS writes at mkfs).
+    fn header_record(&self, agno: u32) -> XfsRmapRecord {
+        XfsRmapRecord {
+            agno,
+            agbno: 0,
+            block_count: self.sb.agfl_block() + 1,
+            owner: XfsMetaKind::AgHeaders.owner_value() as u64,
+            offset: 0,
+            attr_fork: false,
+            bmbt: false,
+            unwritten: false,
+        }
     }
 
     /// Every record of every AG, in btree order, checking every block and that each node's keys agree with its

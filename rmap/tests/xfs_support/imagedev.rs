@@ -37,6 +37,8 @@ pub struct Image {
     backing: Backing,
     size_bytes: u64,
     block_size: u32,
+    /// The image starts this many bytes into the device (zeros before it), as a filesystem inside a volume.
+    shift: u64,
     patches: RwLock<HashMap<u64, Vec<u8>>>,
 }
 
@@ -54,6 +56,17 @@ impl ImageDev {
         Ok(Arc::new(ImageDev::new(path.display().to_string(), Backing::File(file), size_bytes, block_size)))
     }
 
+    /// The image file at `path`, starting `shift_bytes` into a device (zeros before it).
+    pub fn open_shifted(path: &Path, shift_bytes: u64) -> std::io::Result<Arc<ImageDev>> {
+        let file = File::open(path)?;
+        let size_bytes = file.metadata()?.len() + shift_bytes;
+        let mut dev = ImageDev::new(path.display().to_string(), Backing::File(file), size_bytes, 512);
+        if let Some(img) = Arc::get_mut(&mut dev.inner) {
+            img.shift = shift_bytes;
+        }
+        Ok(Arc::new(dev))
+    }
+
     /// `bytes` at the start of a device of `size_bytes` (zeros after them).
     pub fn from_bytes(name: &str, bytes: Vec<u8>, size_bytes: u64) -> Arc<ImageDev> {
         Arc::new(ImageDev::new(name.to_string(), Backing::Bytes(bytes), size_bytes, 512))
@@ -61,13 +74,26 @@ impl ImageDev {
 
     fn new(name: String, backing: Backing, size_bytes: u64, block_size: u32) -> ImageDev {
         let size_bytes = size_bytes / u64::from(block_size) * u64::from(block_size);
-        ImageDev { inner: Arc::new(Image { name, backing, size_bytes, block_size, patches: RwLock::new(HashMap::new()) }) }
+        ImageDev { inner: Arc::new(Image { name, backing, size_bytes, block_size, shift: 0, patches: RwLock::new(HashMap::new()) }) }
     }
 }
 
 impl Image {
     fn read_base(&self, offset: u64, dst: &mut [u8]) {
         dst.fill(0);
+        if self.shift > 0 {
+            // Bytes before the shift stay zero; the rest come from the image.
+            let skip = self.shift.saturating_sub(offset).min(dst.len() as u64) as usize;
+            let (_, rest) = dst.split_at_mut(skip);
+            if !rest.is_empty() {
+                self.read_unshifted(offset + skip as u64 - self.shift, rest);
+            }
+            return;
+        }
+        self.read_unshifted(offset, dst);
+    }
+
+    fn read_unshifted(&self, offset: u64, dst: &mut [u8]) {
         match &self.backing {
             Backing::File(f) => {
                 let mut done = 0usize;
