@@ -56,6 +56,8 @@ pub struct NvmeBdev {
     geo: Geometry,
     feat: Features,
     commands_per_channel_min: u16,
+    /// The queue pair every channel shares when the controller grants only one (see [`SharedQp`]).
+    shared: Mutex<Option<Arc<SharedQp>>>,
 }
 
 impl std::fmt::Debug for NvmeBdev {
@@ -108,6 +110,7 @@ impl NvmeBdev {
             geo,
             feat,
             commands_per_channel_min: split as u16,
+            shared: Mutex::new(None),
             ctrl,
         }))
     }
@@ -138,6 +141,9 @@ impl BlockDev for NvmeBdev {
     fn open_channel(&self, opts: ChannelOpts) -> Result<Box<dyn IoChannel>, BdevError> {
         let depth = u16::try_from(opts.queue_depth.max(1)).unwrap_or(u16::MAX - 1);
         let commands = depth.max(self.commands_per_channel_min).saturating_mul(2).min(4095);
+        if self.ctrl.info().io_queues_granted <= 1 {
+            return self.open_shared_channel(depth, opts);
+        }
         let qp = self
             .ctrl
             .io_qpair(QpairOpts { depth, commands })
@@ -155,6 +161,175 @@ impl BlockDev for NvmeBdev {
             polls: 0,
             services_events: opts.reactor_index == 0,
         }))
+    }
+}
+
+impl NvmeBdev {
+    /// The controller grants a single I/O queue pair: every channel shares it under a lock (a degraded mode,
+    /// logged once; with more queue pairs each channel owns one and takes no lock).
+    fn open_shared_channel(&self, depth: u16, opts: ChannelOpts) -> Result<Box<dyn IoChannel>, BdevError> {
+        let mut guard = self.shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let q = match guard.as_ref() {
+            Some(q) => Arc::clone(q),
+            None => {
+                tracing::warn!(bdev = self.name, "the controller grants one I/O queue pair: channels share it under a lock");
+                let qp = self
+                    .ctrl
+                    .io_qpair(QpairOpts { depth: SHARED_DEPTH, commands: SHARED_DEPTH.saturating_mul(2) })
+                    .map_err(|e| BdevError::Channel { name: self.name.clone(), reason: e.to_string() })?;
+                let slots = qp.slots();
+                let q = Arc::new(SharedQp {
+                    inner: Mutex::new(SharedInner { qp, table: (0..slots).map(|_| None).collect(), mailboxes: Vec::new() }),
+                });
+                *guard = Some(Arc::clone(&q));
+                q
+            }
+        };
+        drop(guard);
+        let id = {
+            let mut inner = q.lock();
+            if inner.mailboxes.len() >= MAX_SHARED_CHANNELS {
+                return Err(BdevError::Channel { name: self.name.clone(), reason: format!("more than {MAX_SHARED_CHANNELS} channels share one queue pair") });
+            }
+            inner.mailboxes.push(std::collections::VecDeque::with_capacity(usize::from(SHARED_DEPTH)));
+            (inner.mailboxes.len() - 1) as u16
+        };
+        Ok(Box::new(SharedChannel {
+            q,
+            id,
+            depth: u32::from(depth),
+            in_flight: 0,
+            nsid: self.nsid,
+            lba_shift: self.lba_shift,
+            geo: self.geo,
+            feat: self.feat,
+            services_events: opts.reactor_index == 0,
+            polls: 0,
+        }))
+    }
+}
+
+/// Requests in flight on a shared queue pair, all channels together.
+const SHARED_DEPTH: u16 = 512;
+/// Channels that may share one queue pair.
+const MAX_SHARED_CHANNELS: usize = 256;
+
+/// One queue pair shared by every channel of a controller that grants only one.
+struct SharedQp {
+    inner: Mutex<SharedInner>,
+}
+
+/// A descriptor in flight on a shared queue pair, and the channel (mailbox index) that owns it.
+type Owned = (Box<IoDesc>, u16);
+
+struct SharedInner {
+    qp: IoQpair,
+    /// By completion slot: the descriptor and the channel it belongs to.
+    table: Box<[Option<Owned>]>,
+    /// Finished descriptors, per channel, waiting for that channel's poll.
+    mailboxes: Vec<std::collections::VecDeque<Box<IoDesc>>>,
+}
+
+impl SharedQp {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SharedInner> {
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// A channel on a shared queue pair.
+struct SharedChannel {
+    q: Arc<SharedQp>,
+    id: u16,
+    depth: u32,
+    in_flight: usize,
+    nsid: u32,
+    lba_shift: u8,
+    geo: Geometry,
+    feat: Features,
+    services_events: bool,
+    polls: u32,
+}
+
+impl IoChannel for SharedChannel {
+    fn submit(&mut self, io: Box<IoDesc>) -> Result<(), Rejected> {
+        if let Err(e) = validate(&self.geo, &self.feat, &io) {
+            return Err(Rejected { io, why: SubmitError::Invalid(e) });
+        }
+        if self.in_flight >= self.depth as usize {
+            return Err(Rejected { io, why: SubmitError::Busy });
+        }
+        let op = nvm_op(io.op);
+        let cmd = IoCmd {
+            op,
+            nsid: self.nsid,
+            lba_shift: self.lba_shift,
+            slba: io.offset_blocks,
+            nlb: if op == NvmOp::Flush { 0 } else { io.num_blocks },
+            segs: io.segs(),
+            fua: io.flags.contains(IoFlags::FUA) && op == NvmOp::Write,
+            tag: 0,
+        };
+        let mut inner = self.q.lock();
+        match inner.qp.submit(&cmd) {
+            Ok(slot) => {
+                inner.table[usize::from(slot)] = Some((io, self.id));
+                self.in_flight += 1;
+                Ok(())
+            }
+            Err(SubmitFail::Busy) => Err(Rejected { io, why: SubmitError::Busy }),
+            Err(SubmitFail::Invalid(detail)) => {
+                let bytes = io.num_blocks << self.lba_shift;
+                Err(Rejected { io, why: SubmitError::Invalid(IoError::BadLength { bytes, detail }) })
+            }
+            Err(SubmitFail::Dead(f)) => Err(Rejected { io, why: SubmitError::Invalid(map_failure(f)) }),
+        }
+    }
+
+    fn poll(&mut self, out: &mut Vec<Box<IoDesc>>) -> usize {
+        self.polls = self.polls.wrapping_add(1);
+        let mut inner = self.q.lock();
+        if self.services_events && self.polls.is_multiple_of(EVENT_POLL_INTERVAL) {
+            inner.qp.controller().service_events();
+        }
+        let SharedInner { qp, table, mailboxes } = &mut *inner;
+        qp.poll(usize::MAX, &mut |slot, _tag, res| {
+            if let Some((mut io, owner)) = table[usize::from(slot)].take() {
+                io.status = match res {
+                    Ok(()) => IoStatus::Success,
+                    Err(f) => IoStatus::Failed(map_failure(f)),
+                };
+                if let Some(m) = mailboxes.get_mut(usize::from(owner)) {
+                    m.push_back(io);
+                }
+            }
+        });
+        let mine = &mut mailboxes[usize::from(self.id)];
+        let mut n = 0;
+        while out.len() < out.capacity() {
+            let Some(io) = mine.pop_front() else { break };
+            out.push(io);
+            n += 1;
+        }
+        self.in_flight -= n;
+        n
+    }
+
+    fn outstanding(&self) -> usize {
+        self.in_flight
+    }
+
+    fn queue_depth(&self) -> u32 {
+        self.depth
+    }
+}
+
+fn nvm_op(op: IoOp) -> NvmOp {
+    match op {
+        IoOp::Read => NvmOp::Read,
+        IoOp::Write => NvmOp::Write,
+        IoOp::Flush => NvmOp::Flush,
+        IoOp::WriteZeroes => NvmOp::WriteZeroes,
+        IoOp::Deallocate => NvmOp::Deallocate,
     }
 }
 
@@ -432,6 +607,23 @@ mod tests {
     #[test]
     fn contract_512_namespace() {
         contract_on(2);
+    }
+
+    #[test]
+    fn contract_with_one_queue_pair_shared_by_channels() {
+        let a = arena();
+        let make = || -> Result<Arc<dyn BlockDev>, String> {
+            let cfg = SimConfig { max_io_queues: 1, ..sim_config() };
+            let sim = SimController::start(Arc::clone(&a), cfg).map_err(|e| e.to_string())?;
+            let t: Arc<dyn Transport> = sim;
+            let ctrl = Controller::attach(t, CtrlrOpts::default()).map_err(|e| e.to_string())?;
+            let b: Arc<dyn BlockDev> = NvmeBdev::new(ctrl, 1, "NvmeQ1n1").map_err(|e| e.to_string())?;
+            Ok(b)
+        };
+        match contract::run_all(&make, &a, &ContractOpts { timeout: Duration::from_secs(20), ..Default::default() }) {
+            Ok(r) => assert_eq!(r.passed.len(), contract::check_names().len(), "{r:?}"),
+            Err(e) => panic!("one queue pair: contract failures:\n{e}"),
+        }
     }
 
     #[test]
