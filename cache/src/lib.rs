@@ -6,6 +6,8 @@
 //!   whose waiters are queued continuations (tokens), granted FIFO on unlock. Fixed pools, no allocation per op.
 //! - [`pages`]: 4 KiB page slots carved from the DMA arena, a device-page index, CLOCK replacement.
 //! - [`bdev`]: the cache as a stacked block device `cache:<backing>` ([`CacheBdev`], [`CacheChannel`]).
+//! - [`stripe`]: the stripe layout (which reactor owns which bytes) and request splitting, for the multi-reactor
+//!   layer still to be built.
 //!
 //! # Design of the cache bdev
 //! State lives per byte range in a [`StateTree`], not per page: UPTODATE (the page bytes hold the device's data or
@@ -32,11 +34,14 @@
 //! ## Status
 //! Built and tested: the state tree; the single-reactor cache (hits, misses with one backing I/O per missing run,
 //! write-back and write-through, FUA, flush, clustered writeback, periodic and pressure writeback, CLOCK eviction,
-//! direct I/O, IOERR, reverse queries, counters). Not built: the stripe/message layer above.
+//! direct I/O, IOERR, reverse queries, counters), and the stripe arithmetic ([`stripe`]: owners, splitting a request
+//! into per-owner pieces, slicing the caller's segments for a piece). Not built: the message layer above (pieces
+//! travelling as `Msg::Call`, per-reactor channels, fan-out flush), so 2-reactor tests and figures are missing.
 
 pub mod bdev;
 pub mod error;
 pub mod pages;
+pub mod stripe;
 pub mod tree;
 
 pub use bdev::{CacheBdev, CacheChannel, CacheConfig, CacheStats};
