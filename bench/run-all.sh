@@ -3,7 +3,7 @@
 # library, not a benchmark). Each builds the release binary it needs first. Exit status 1 if any failed.
 set -euo pipefail
 dir="$(cd "$(dirname "$0")" && pwd)"
-first=(perf-null-callgrind.sh perf-malloc.sh perf-file-vs-fio.sh)
+first=(perf-null-callgrind.sh perf-no-alloc.sh perf-malloc.sh perf-file-vs-fio.sh)
 rest=()
 for f in "$dir"/*.sh; do
     b="$(basename "$f")"
