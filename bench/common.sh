@@ -5,11 +5,12 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
-NVSTACK="$TARGET_DIR/release/nvstack"
+# Figures come from the `perf` profile (release + thin LTO + one codegen unit; see Cargo.toml).
+NVSTACK="$TARGET_DIR/perf/nvstack"
 
 build() {
-    echo "+ cargo build --release -p nvstack" >&2
-    cargo build --release -p nvstack >&2
+    echo "+ cargo build --profile perf -p nvstack" >&2
+    cargo build --profile perf -p nvstack >&2
 }
 
 # Print a command, then run it.

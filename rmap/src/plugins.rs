@@ -97,7 +97,7 @@ impl ActionTarget for BdevTarget {
     }
     fn zero_and_clear(&self, _device: &str, offset: u64, len: u64) -> Result<(), String> {
         let bs = u64::from(self.bdev.geometry().block_size);
-        if offset % bs != 0 || len % bs != 0 || len == 0 {
+        if !offset.is_multiple_of(bs) || !len.is_multiple_of(bs) || len == 0 {
             return Err(format!("range {offset:#x}+{len:#x} is not whole {bs}-byte blocks"));
         }
         let mut ch = self.bdev.open_channel(ChannelOpts { reactor_index: 0, queue_depth: 1 }).map_err(|e| e.to_string())?;
