@@ -224,6 +224,28 @@ impl RawClient {
         self.s.write_all(&v).unwrap();
     }
 
+    /// Send, reporting a broken connection instead of panicking.
+    pub fn try_send(&mut self, flags: u16, kind: u16, handle: u64, offset: u64, len: u32, payload: &[u8]) -> std::io::Result<()> {
+        let mut v = 0x2560_9513u32.to_be_bytes().to_vec();
+        v.extend_from_slice(&flags.to_be_bytes());
+        v.extend_from_slice(&kind.to_be_bytes());
+        v.extend_from_slice(&handle.to_be_bytes());
+        v.extend_from_slice(&offset.to_be_bytes());
+        v.extend_from_slice(&len.to_be_bytes());
+        v.extend_from_slice(payload);
+        self.s.write_all(&v)
+    }
+
+    /// One simple reply (error, handle), reporting a broken connection instead of panicking.
+    pub fn try_simple_reply(&mut self) -> std::io::Result<(u32, u64)> {
+        let mut r = [0u8; 16];
+        self.s.read_exact(&mut r)?;
+        if be32(&r) != 0x6744_6698 {
+            return Err(std::io::Error::other("not a simple reply"));
+        }
+        Ok((be32(&r[4..]), be64(&r[8..])))
+    }
+
     /// Read one simple reply (or a structured chunk); returns (error, handle, payload).
     pub fn reply(&mut self) -> (u32, u64, Vec<u8>) {
         let mut m = [0u8; 4];
