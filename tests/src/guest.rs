@@ -89,7 +89,9 @@ pub fn all_steps(s: &Scenario) -> Vec<Step> {
     let mut steps = Vec::new();
     let mut modules = s.machine.modules.clone();
     if !s.nvdimm.is_empty() {
-        for m in ["nfit", "nd_pmem", "dax_pmem", "device_dax"] {
+        let fsdax = s.nvdimm.iter().any(|d| d.mode == PmemMode::Fsdax);
+        // busybox mount without -t only tries file systems already registered: load xfs up front for fsdax.
+        for m in ["nfit", "nd_pmem", "dax_pmem", "device_dax"].into_iter().chain(fsdax.then_some("xfs")) {
             if !modules.iter().any(|x| x == m) {
                 modules.push(m.to_string());
             }
@@ -125,10 +127,16 @@ pub fn all_steps(s: &Scenario) -> Vec<Step> {
                 run.push_str(&wait(&format!("/dev/dax{i}.0")));
             }
             PmemMode::Fsdax => {
+                // Reconfiguring the namespace removes the raw /dev/pmemN and probes a new one asynchronously: wait
+                // until the new disk sits on a pfn device before mkfs, and retry the mount (with a deadline) while
+                // devtmpfs catches up.
                 run.push_str(&format!(
-                    "\nndctl create-namespace -f -e namespace{i}.0 -m fsdax\n{}\nmkfs.xfs -f -q -m rmapbt=1 /dev/pmem{i}\n\
-                     mkdir -p /mnt/pmem{i}\nmount -o dax=always /dev/pmem{i} /mnt/pmem{i}",
-                    wait(&format!("/dev/pmem{i}"))
+                    "\nndctl create-namespace -f -e namespace{i}.0 -m fsdax\n\
+                     i=0; until readlink /sys/block/pmem{i}/device 2>/dev/null | grep -q pfn && [ -b /dev/pmem{i} ]; do \
+                     i=$((i+1)); [ $i -lt 100 ] || {{ echo 'fsdax /dev/pmem{i} did not appear' >&2; exit 1; }}; sleep 0.1; done\n\
+                     mkfs.xfs -f -q -m rmapbt=1 /dev/pmem{i}\nmkdir -p /mnt/pmem{i}\n\
+                     i=0; until mount -t xfs -o dax=always /dev/pmem{i} /mnt/pmem{i}; do \
+                     i=$((i+1)); [ $i -lt 50 ] || exit 1; sleep 0.2; done"
                 ));
             }
         }
