@@ -590,6 +590,25 @@ mod tests {
     }
 
     #[test]
+    fn pending_files_need_a_reason_and_are_marked() {
+        let dir = std::env::temp_dir().join(format!("nvstack-scen-test.{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("pending")).unwrap();
+        let step = "[[step]]\nname = 'a'\nrun = 'true'\n";
+        std::fs::write(dir.join("b.toml"), step).unwrap();
+        std::fs::write(dir.join("pending/a.toml"), format!("pending = 'driver not there'\n{step}")).unwrap();
+        let all = load_dir(&dir).unwrap();
+        let names: Vec<(&str, Option<&str>)> = all.iter().map(|s| (s.name.as_str(), s.pending.as_deref())).collect();
+        assert_eq!(names, [("b", None), ("a", Some("driver not there"))]);
+        std::fs::write(dir.join("pending/c.toml"), step).unwrap();
+        assert!(load_dir(&dir).unwrap_err().to_string().contains("needs `pending"));
+        std::fs::remove_file(dir.join("pending/c.toml")).unwrap();
+        std::fs::write(dir.join("a.toml"), step).unwrap();
+        assert!(load_dir(&dir).unwrap_err().to_string().contains("also named"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn the_repository_scenarios_are_valid() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
         let all = load_dir(&dir).unwrap();
