@@ -2,7 +2,7 @@
 .PHONY: run test build bench
 
 run:
-	cargo run --release -p nvstack -- perf --bdev file:./nvstack-data/disk0.img:1G -q 32 -o 4096 -w randrw -t 10
+	cargo run --release -p nvstack -- serve
 
 test:
 	bash scripts/test.sh
