@@ -113,6 +113,8 @@ pub struct BdevEntry {
     pub stats: IoStats,
     /// Name of the bdev stacked on this one (the cache), if any: a claimed bdev is not exported or deleted.
     pub claimed_by: RwLock<Option<String>>,
+    /// A reactor held a channel to this bdev and flushed it on shutdown (it may not allow a second channel).
+    pub reactor_flushed: AtomicBool,
 }
 
 impl std::fmt::Debug for BdevEntry {
@@ -214,6 +216,7 @@ impl Registry {
             params,
             stats: IoStats::default(),
             claimed_by: RwLock::new(None),
+            reactor_flushed: AtomicBool::new(false),
         });
         g.push(Arc::clone(&e));
         Ok(e)

@@ -22,7 +22,7 @@ use nvstack_driver::dma::{Arena, BufPool};
 
 use super::conn::{Conn, ConnRes, HandshakeStep, Stream, BUFS_PER_CONN, CHUNK_BYTES};
 use crate::error::AppError;
-use crate::serve::registry::Registry;
+use crate::serve::registry::{BdevEntry, Registry};
 
 /// Where and how to listen.
 #[derive(Debug, Clone)]
@@ -216,6 +216,9 @@ struct ChanEntry {
     bdev_id: u64,
     ch: Box<dyn IoChannel>,
     users: usize,
+    entry: Arc<BdevEntry>,
+    /// Shutdown flush: None (not started), Some(false) in flight, Some(true) done.
+    flushed: Option<bool>,
 }
 
 struct ReactorPoller {
@@ -260,7 +263,7 @@ impl ReactorPoller {
                 return None;
             }
         };
-        let e = ChanEntry { bdev_id, ch, users: 1 };
+        let e = ChanEntry { bdev_id, ch, users: 1, entry, flushed: None };
         if let Some(i) = self.chans.iter().position(Option::is_none) {
             self.chans[i] = Some(e);
             Some(i)
@@ -268,6 +271,48 @@ impl ReactorPoller {
             self.chans.push(Some(e));
             Some(self.chans.len() - 1)
         }
+    }
+}
+
+impl ReactorPoller {
+    /// Shutdown: write back and flush every channel once, then report whether all flushes finished.
+    fn flush_channels(&mut self) -> bool {
+        let mut all = true;
+        for ce in self.chans.iter_mut().flatten() {
+            match ce.flushed {
+                Some(true) => {}
+                None => {
+                    let mut io = IoDesc::new(1);
+                    io.prepare(nvstack_blockdev::IoOp::Flush, 0, 0);
+                    io.ctx = u64::MAX;
+                    match ce.ch.submit(io) {
+                        Ok(()) => ce.flushed = Some(false),
+                        Err(r) if matches!(r.why, nvstack_blockdev::SubmitError::Busy) => {}
+                        Err(r) => {
+                            tracing::error!(bdev = ce.entry.bdev.name(), why = ?r.why, "shutdown flush refused");
+                            ce.flushed = Some(true);
+                        }
+                    }
+                    all = false;
+                }
+                Some(false) => {
+                    self.done.clear();
+                    ce.ch.poll(&mut self.done);
+                    for io in self.done.drain(..) {
+                        if io.ctx == u64::MAX {
+                            if io.status != nvstack_blockdev::IoStatus::Success {
+                                tracing::error!(bdev = ce.entry.bdev.name(), status = ?io.status, "shutdown flush failed");
+                            } else {
+                                ce.entry.reactor_flushed.store(true, Ordering::Release);
+                            }
+                            ce.flushed = Some(true);
+                        }
+                    }
+                    all &= ce.flushed == Some(true);
+                }
+            }
+        }
+        all
     }
 }
 
@@ -293,6 +338,16 @@ impl Poller for ReactorPoller {
             loop {
                 let n = ce.ch.poll(&mut self.done);
                 for io in self.done.drain(..) {
+                    if io.ctx == u64::MAX {
+                        // The shutdown flush (see flush_channels).
+                        if io.status == nvstack_blockdev::IoStatus::Success {
+                            ce.entry.reactor_flushed.store(true, Ordering::Release);
+                        } else {
+                            tracing::error!(bdev = ce.entry.bdev.name(), status = ?io.status, "shutdown flush failed");
+                        }
+                        ce.flushed = Some(true);
+                        continue;
+                    }
                     if let Some(Some(c)) = self.conns.get_mut(io.ctx as usize) {
                         c.complete(io, ce.ch.as_mut());
                     }
@@ -349,13 +404,10 @@ impl Poller for ReactorPoller {
                     let _ = self.free.push(res);
                 }
                 self.conns[i] = None;
-                if let Some(slot) = self.chans.get_mut(chan) {
-                    if let Some(ce) = slot.as_mut() {
-                        ce.users -= 1;
-                        if ce.users == 0 && ce.ch.outstanding() == 0 {
-                            *slot = None;
-                        }
-                    }
+                // Channels stay open for the reactor's life: a stacked bdev (the cache) keeps its state in its
+                // channel, which is flushed and closed only at shutdown.
+                if let Some(Some(ce)) = self.chans.get_mut(chan) {
+                    ce.users -= 1;
                 }
                 busy = true;
             }
@@ -364,7 +416,10 @@ impl Poller for ReactorPoller {
             self.conns.pop();
         }
         if stopping && self.conns.is_empty() && self.inbox.is_empty() {
-            return PollOutcome::Done;
+            if self.flush_channels() {
+                return PollOutcome::Done;
+            }
+            return PollOutcome::Busy;
         }
         if busy {
             self.idle_rounds = 0;

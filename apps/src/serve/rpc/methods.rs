@@ -4,6 +4,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use nvstack_blockdev::reactor::Reactors;
+use nvstack_blockdev::BlockDev;
 use nvstack_driver::dma::Arena;
 use serde_json::{json, Map, Value};
 
@@ -42,6 +43,7 @@ pub const METHODS: &[&str] = &[
     "bdev_uring_delete",
     "nvstack_bdev_create",
     "nvstack_bdev_delete",
+    "nvstack_cache_create",
     "framework_get_reactors",
     "save_config",
     "spdk_get_version",
@@ -60,6 +62,7 @@ pub const CONFIG_METHODS: &[&str] =
     "bdev_aio_create",
     "bdev_uring_create",
     "nvstack_bdev_create",
+    "nvstack_cache_create",
     "nvstack_export_create",
 ];
 
@@ -190,6 +193,34 @@ fn file_create(app: &Appliance, method: &str, m: Map<String, Value>) -> Result<V
     open(app, &spec, method, params)
 }
 
+fn cache_create(app: &Appliance, method: &str, m: Map<String, Value>) -> Result<Value, RpcError> {
+    check_keys(&m, method, &["base_bdev_name", "cache_mb", "write_through"])?;
+    let base_name = need_str(&m, "base_bdev_name", method)?;
+    let base = app.registry.bdev(base_name).ok_or_else(|| RpcError::new(code::NO_DEVICE, format!("{method}: no bdev named {base_name:?}")))?;
+    if let Some(by) = base.claimed_by.read().map(|c| c.clone()).unwrap_or(None) {
+        return Err(RpcError::new(code::BUSY, format!("{method}: bdev {base_name:?} is already claimed by {by:?}")));
+    }
+    if app.registry.exports().iter().any(|x| x.bdev.bdev.name() == base_name) {
+        return Err(RpcError::new(code::BUSY, format!("{method}: bdev {base_name:?} is exported: delete the export first")));
+    }
+    let cache_mb = get_u64(&m, "cache_mb", method)?.unwrap_or(64);
+    let write_through = get_bool(&m, "write_through", method)?;
+    let cfg = nvstack_cache::CacheConfig {
+        cache_bytes: cache_mb.checked_mul(1 << 20).ok_or_else(|| RpcError::params(format!("{method}: cache_mb too large")))?,
+        write_back: !write_through,
+        ..Default::default()
+    };
+    let cache = nvstack_cache::CacheBdev::new(Arc::clone(&base.bdev), Arc::clone(&app.arena), cfg)
+        .map_err(|e| RpcError::params(format!("{method}: {e}")))?;
+    let name = cache.name().to_string();
+    let params = json!({"base_bdev_name": base_name, "cache_mb": cache_mb, "write_through": write_through});
+    app.registry.add_bdev(cache, method, params).map_err(reg_err)?;
+    if let Ok(mut c) = base.claimed_by.write() {
+        *c = Some(name.clone());
+    }
+    Ok(Value::String(name))
+}
+
 fn bdev_delete(app: &Appliance, method: &str, m: Map<String, Value>, want: &[&str]) -> Result<Value, RpcError> {
     check_keys(&m, method, &["name"])?;
     let name = need_str(&m, "name", method)?;
@@ -285,6 +316,7 @@ pub fn call(app: &Appliance, method: &str, params: Option<Value>) -> Result<Valu
             open(app, &spec, method, json!({"spec": spec}))
         }
         "nvstack_bdev_delete" => bdev_delete(app, method, m, &["nvstack_bdev_create"]),
+        "nvstack_cache_create" => cache_create(app, method, m),
         "bdev_get_bdevs" => {
             check_keys(&m, method, &["name", "timeout"])?;
             Ok(Value::Array(select_bdevs(app, &m, method)?.iter().map(|b| bdev_json(b)).collect()))
