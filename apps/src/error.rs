@@ -18,6 +18,9 @@ pub enum AppError {
     /// A driver step failed.
     #[error("driver")]
     Driver(#[from] DriverError),
+    /// Building a cache over a device failed.
+    #[error("cache")]
+    Cache(#[from] nvstack_cache::CacheError),
     /// Writing output failed.
     #[error("writing output")]
     Output(#[source] std::io::Error),

@@ -2,6 +2,7 @@
 //!
 //! Only this crate prints; libraries log through `tracing` and return errors.
 
+mod bdev_spec;
 mod cli;
 mod error;
 mod identify;

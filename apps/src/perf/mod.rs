@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use nvstack_blockdev::reactor::{Msg, ReactorConfig, Reactors};
 use nvstack_blockdev::BlockDev;
+use nvstack_cache::CacheStats;
 use nvstack_driver::dma::{Arena, ArenaConfig, HUGE_2M};
 
 pub use self::args::PerfArgs;
@@ -63,15 +64,31 @@ const WATCH_INTERVAL: Duration = Duration::from_millis(10);
 /// I/Os failed or verify found mismatches (after the report is printed); others as set-up goes.
 pub fn run(args: PerfArgs, _g: &GlobalOpts) -> Result<ExitCode, AppError> {
     let cfg = PerfConfig::from_args(&args)?;
-    let arena = Arena::new(ArenaConfig { size_bytes: arena_bytes(&cfg)?, require_hugepages: false, try_1g: false })?;
-    let bdev = open_bdev(&cfg.bdev, &arena)?;
+    let extra = crate::bdev_spec::extra_arena_bytes(&cfg.bdev)?.div_ceil(HUGE_2M) * HUGE_2M;
+    let size_bytes = arena_bytes(&cfg)?
+        .checked_add(extra)
+        .ok_or_else(|| AppError::Usage(format!("{}: arena size overflows", cfg.bdev)))?;
+    let arena = Arena::new(ArenaConfig { size_bytes, require_hugepages: false, try_1g: false })?;
+    let (bdev, cache) = open_bdev(&cfg.bdev, &arena)?;
     let rep = execute(&cfg, &bdev, &arena, true)?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    if cfg.json {
-        rep.print_json(&mut out)?;
-    } else {
-        rep.print_text(&mut out)?;
+    match (cfg.json, &cache) {
+        (true, None) => rep.print_json(&mut out)?,
+        (true, Some(st)) => {
+            let mut v = serde_json::to_value(&rep).map_err(|e| AppError::Output(std::io::Error::other(e)))?;
+            if let Some(obj) = v.as_object_mut() {
+                obj.insert("cache".into(), cache_json(st));
+            }
+            serde_json::to_writer_pretty(&mut out, &v).map_err(|e| AppError::Output(std::io::Error::other(e)))?;
+            writeln!(out).map_err(AppError::Output)?;
+        }
+        (false, _) => {
+            rep.print_text(&mut out)?;
+            if let Some(st) = &cache {
+                print_cache_text(&mut out, st).map_err(AppError::Output)?;
+            }
+        }
     }
     out.flush().map_err(AppError::Output)?;
     match rep.failure() {
@@ -80,9 +97,38 @@ pub fn run(args: PerfArgs, _g: &GlobalOpts) -> Result<ExitCode, AppError> {
     }
 }
 
-/// The one place perf turns a spec into a device (so later kinds, and `cache:` wrapping, come in here).
-fn open_bdev(spec: &str, arena: &Arc<Arena>) -> Result<Arc<dyn BlockDev>, AppError> {
-    Ok(nvstack_blockdev::spec::open_bdev(spec, arena)?)
+/// The one place perf turns a spec into a device: the kinds of `open_bdev` and `cache:<backing>` (with its counters).
+fn open_bdev(spec: &str, arena: &Arc<Arena>) -> Result<crate::bdev_spec::OpenedBdev, AppError> {
+    crate::bdev_spec::open_with_stats(spec, arena)
+}
+
+/// The cache counters as a JSON object.
+fn cache_json(st: &CacheStats) -> serde_json::Value {
+    serde_json::json!({
+        "hits": st.hits.load(Ordering::Relaxed),
+        "misses": st.misses.load(Ordering::Relaxed),
+        "dirty_bytes": st.dirty_bytes.load(Ordering::Relaxed),
+        "writeback_ios": st.writeback_ios.load(Ordering::Relaxed),
+        "writeback_avg_bytes": st.writeback_avg_bytes(),
+        "evictions": st.evictions.load(Ordering::Relaxed),
+        "fill_ios": st.fill_ios.load(Ordering::Relaxed),
+    })
+}
+
+/// The cache counters as text after the tables.
+fn print_cache_text(out: &mut dyn Write, st: &CacheStats) -> std::io::Result<()> {
+    writeln!(out)?;
+    writeln!(
+        out,
+        "Cache: hits {}, misses {}, dirty bytes {}, writeback I/Os {} (avg {} bytes), evictions {}, fill I/Os {}",
+        st.hits.load(Ordering::Relaxed),
+        st.misses.load(Ordering::Relaxed),
+        st.dirty_bytes.load(Ordering::Relaxed),
+        st.writeback_ios.load(Ordering::Relaxed),
+        st.writeback_avg_bytes(),
+        st.evictions.load(Ordering::Relaxed),
+        st.fill_ios.load(Ordering::Relaxed),
+    )
 }
 
 /// Arena size: `--arena-mb`, or the I/O buffers of every core plus slack, in 2 MiB pages.
