@@ -37,6 +37,9 @@
 //! direct I/O, IOERR, reverse queries, counters), and the stripe arithmetic ([`stripe`]: owners, splitting a request
 //! into per-owner pieces, slicing the caller's segments for a piece). Not built: the message layer above (pieces
 //! travelling as `Msg::Call`, per-reactor channels, fan-out flush), so 2-reactor tests and figures are missing.
+//!
+//! `nvstack perf --bdev cache:<backing>[,size=N][,mode=wb|wt]` runs on this cache (one core, as the cache serves one
+//! channel) and prints the counters; the spec is parsed in the apps crate (`apps/src/bdev_spec.rs`).
 
 pub mod bdev;
 pub mod error;
