@@ -5,17 +5,17 @@
 //!   RUSTC_BOOTSTRAP=1 cargo fuzz run nbd_parsers --sanitizer none -- -max_total_time=60
 #![no_main]
 
+// Top-level modules, so `super::proto` in handshake.rs resolves to this crate's `proto`.
 #[allow(dead_code, unused_imports)]
-mod nbd {
-    #[path = "../../../apps/src/serve/nbd/proto.rs"]
-    pub mod proto;
-    #[path = "../../../apps/src/serve/nbd/handshake.rs"]
-    pub mod handshake;
-}
+#[path = "../../apps/src/serve/nbd/proto.rs"]
+mod proto;
+#[allow(dead_code, unused_imports)]
+#[path = "../../apps/src/serve/nbd/handshake.rs"]
+mod handshake;
 
 use libfuzzer_sys::fuzz_target;
-use nbd::handshake::{ExportDirectory, ExportInfo, Handshake, Outcome};
-use nbd::proto::{self, tflag, BlockSizes, ExportLimits};
+use handshake::{ExportDirectory, ExportInfo, Handshake, Outcome};
+use proto::{tflag, BlockSizes, ExportLimits};
 
 struct Dir;
 
