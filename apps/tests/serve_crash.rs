@@ -82,7 +82,7 @@ fn sigkill_under_write_and_flush_keeps_flushed_writes() {
                 Err(_) => break 'work,
             }
             n += 1;
-            if n % 8 == 0 {
+            if n.is_multiple_of(8) {
                 if c.try_send(0, 3, 0, 0, 0, &[]).is_err() {
                     break 'work;
                 }
