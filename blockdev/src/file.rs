@@ -857,7 +857,15 @@ impl IoChannel for FileChannel {
         if self.in_flight == 0 || !self.enter() {
             return n;
         }
-        n + self.reap(out)
+        let reaped = self.reap(out);
+        if reaped == 0 && n == 0 && self.in_kernel > 0 {
+            // Everything is in the kernel and nothing finished. Requests the kernel could not complete inline run
+            // on io-wq workers, which inherit this reactor's CPU: spinning would starve them. Yield the core once
+            // (no sleep, no deadline needed: sched_yield returns at once when nothing else is runnable).
+            // SAFETY: sched_yield has no preconditions.
+            unsafe { libc::sched_yield() };
+        }
+        n + reaped
     }
 
     fn outstanding(&self) -> usize {
