@@ -480,6 +480,40 @@ pub fn validate(geo: &Geometry, feat: &Features, io: &IoDesc) -> Result<(), IoEr
     }
 }
 
+/// Move finished descriptors from a channel's completion list into the caller's `out`, never beyond `out`'s spare
+/// capacity (so nothing allocates). Returns how many moved. Shared by the backends that complete in `submit`.
+#[inline]
+#[allow(clippy::vec_box)] // the caller's pooled boxes, moved in and out, never re-boxed
+pub fn hand_back(done: &mut Vec<Box<IoDesc>>, out: &mut Vec<Box<IoDesc>>) -> usize {
+    let n = done.len();
+    if n == 0 {
+        return 0;
+    }
+    let room = out.capacity() - out.len();
+    if n <= room {
+        // The common case: everything fits; one move of `n` pointers, no allocation (room was checked).
+        out.append(done);
+        n
+    } else {
+        out.extend(done.drain(..room));
+        room
+    }
+}
+
+/// Check a channel's requested queue depth against a backend's limit.
+///
+/// # Errors
+/// [`BdevError::Channel`] naming the device and the accepted range.
+pub fn check_queue_depth(name: &str, opts: &ChannelOpts, max: u32) -> Result<usize, BdevError> {
+    if opts.queue_depth == 0 || opts.queue_depth > max {
+        return Err(BdevError::Channel {
+            name: name.to_owned(),
+            reason: format!("queue depth {} is not in 1..={max}", opts.queue_depth),
+        });
+    }
+    Ok(opts.queue_depth as usize)
+}
+
 /// Options for opening a channel.
 #[derive(Debug, Clone, Copy)]
 pub struct ChannelOpts {

@@ -356,13 +356,7 @@ impl BlockDev for FileBdev {
         self.feat
     }
     fn open_channel(&self, opts: ChannelOpts) -> Result<Box<dyn IoChannel>, BdevError> {
-        if opts.queue_depth == 0 || opts.queue_depth > MAX_QUEUE_DEPTH {
-            return Err(BdevError::Channel {
-                name: self.shared.name.clone(),
-                reason: format!("queue depth {} is not in 1..={MAX_QUEUE_DEPTH}", opts.queue_depth),
-            });
-        }
-        let depth = opts.queue_depth as usize;
+        let depth = crate::bdev::check_queue_depth(&self.shared.name, &opts, MAX_QUEUE_DEPTH)?;
         let ring = Ring::new(&self.shared, opts.queue_depth)?;
         let slots = (0..depth)
             .map(|_| Slot {
@@ -847,13 +841,7 @@ impl IoChannel for FileChannel {
     }
 
     fn poll(&mut self, out: &mut Vec<Box<IoDesc>>) -> usize {
-        let mut n = 0;
-        if !self.done.is_empty() {
-            let room = out.capacity() - out.len();
-            let k = room.min(self.done.len());
-            out.extend(self.done.drain(..k));
-            n += k;
-        }
+        let n = crate::bdev::hand_back(&mut self.done, out);
         if self.in_flight == 0 || !self.enter() {
             return n;
         }

@@ -147,20 +147,15 @@ impl BlockDev for MallocBdev {
         self.feat
     }
     fn open_channel(&self, opts: ChannelOpts) -> Result<Box<dyn IoChannel>, BdevError> {
-        if opts.queue_depth == 0 || opts.queue_depth > MAX_QUEUE_DEPTH {
-            return Err(BdevError::Channel {
-                name: self.name.clone(),
-                reason: format!("queue depth {} is not in 1..={MAX_QUEUE_DEPTH}", opts.queue_depth),
-            });
-        }
+        let depth = crate::bdev::check_queue_depth(&self.name, &opts, MAX_QUEUE_DEPTH)?;
         Ok(Box::new(MallocChannel {
             base: self.ram.base,
             ram: Arc::clone(&self.ram),
             geo: self.geo,
             feat: self.feat,
             fast: FastCheck::new(&self.geo),
-            depth: opts.queue_depth as usize,
-            done: Vec::with_capacity(opts.queue_depth as usize),
+            depth,
+            done: Vec::with_capacity(depth),
         }))
     }
 }
@@ -214,18 +209,7 @@ impl IoChannel for MallocChannel {
 
     #[inline]
     fn poll(&mut self, out: &mut Vec<Box<IoDesc>>) -> usize {
-        let n = self.done.len();
-        if n == 0 {
-            return 0;
-        }
-        let room = out.capacity() - out.len();
-        if n <= room {
-            out.append(&mut self.done);
-            n
-        } else {
-            out.extend(self.done.drain(..room));
-            room
-        }
+        crate::bdev::hand_back(&mut self.done, out)
     }
 
     fn outstanding(&self) -> usize {

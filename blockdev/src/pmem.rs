@@ -77,18 +77,13 @@ impl BlockDev for PmemBdev {
         self.feat
     }
     fn open_channel(&self, opts: ChannelOpts) -> Result<Box<dyn IoChannel>, BdevError> {
-        if opts.queue_depth == 0 || opts.queue_depth > MAX_QUEUE_DEPTH {
-            return Err(BdevError::Channel {
-                name: self.name.clone(),
-                reason: format!("queue depth {} is not in 1..={MAX_QUEUE_DEPTH}", opts.queue_depth),
-            });
-        }
+        let depth = crate::bdev::check_queue_depth(&self.name, &opts, MAX_QUEUE_DEPTH)?;
         Ok(Box::new(PmemChannel {
             dev: Arc::clone(&self.dev),
             geo: self.geo,
             feat: self.feat,
-            depth: opts.queue_depth as usize,
-            done: Vec::with_capacity(opts.queue_depth as usize),
+            depth,
+            done: Vec::with_capacity(depth),
         }))
     }
 }
@@ -165,10 +160,7 @@ impl IoChannel for PmemChannel {
     }
 
     fn poll(&mut self, out: &mut Vec<Box<IoDesc>>) -> usize {
-        let room = out.capacity() - out.len();
-        let n = self.done.len().min(room);
-        out.extend(self.done.drain(..n));
-        n
+        crate::bdev::hand_back(&mut self.done, out)
     }
 
     fn outstanding(&self) -> usize {
