@@ -64,7 +64,12 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     // The handshake, fed in pieces whose sizes come from the input itself.
-    let mut h = Handshake::new();
+    // TLS-required servers too (the first input byte picks): STARTTLS is where the handshake hands over.
+    let mut h = if data.first().is_some_and(|b| b & 1 == 1) {
+        Handshake::with_tls(handshake::TlsPolicy::Required)
+    } else {
+        Handshake::new()
+    };
     let mut at = 0usize;
     let mut i = 0usize;
     while at < data.len() {
@@ -76,7 +81,7 @@ fuzz_target!(|data: &[u8]| {
         h.output().clear();
         match outcome {
             Outcome::Continue => at += used,
-            Outcome::Transmission(_) | Outcome::Close => break,
+            Outcome::Transmission(_) | Outcome::Close | Outcome::StartTls => break,
         }
         if used == 0 && end - at > 0 {
             break;

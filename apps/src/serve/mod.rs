@@ -79,6 +79,14 @@ pub struct ServeArgs {
     /// Do not pin reactor threads to their cores.
     #[arg(long = "no-pin")]
     pub no_pin: bool,
+    /// Serve NBD over TLS (STARTTLS) with the x509 credentials in DIR, laid out as for qemu-nbd --tls-creds
+    /// (QEMU's tls-creds-x509, endpoint=server): ca-cert.pem, server-cert.pem, server-key.pem.
+    #[arg(long = "tls-creds", value_name = "DIR")]
+    pub tls_creds: Option<PathBuf>,
+    /// With --tls-creds: `required` (as qemu-nbd: plaintext clients are refused with NBD_REP_ERR_TLS_REQD) or
+    /// `optional` (TLS offered, plaintext still served).
+    #[arg(long = "tls-mode", value_enum, default_value_t = nbd::tls::TlsMode::Required, requires = "tls_creds")]
+    pub tls_mode: nbd::tls::TlsMode,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -186,6 +194,10 @@ pub fn run(args: ServeArgs, _g: &GlobalOpts) -> Result<ExitCode, AppError> {
         unix: Some(args.nbd_socket.clone().unwrap_or_else(|| args.data_dir.join("nbd.sock"))),
         max_connections: args.max_connections.clamp(1, 4096),
         idle_wait_ms: if args.busy_poll { 0 } else { 2 },
+        tls: match &args.tls_creds {
+            Some(dir) => Some(Arc::new(nbd::tls::load_creds(dir, args.tls_mode)?)),
+            None => None,
+        },
     };
     let rpc_path = args.rpc_socket.clone().unwrap_or_else(|| args.data_dir.join("nvstack.sock"));
     install_signals()?;
@@ -250,6 +262,9 @@ fn print_banner(registry: &Registry, server: &nbd::server::NbdServer, rpc_path: 
         }
         if let Some(p) = &server.unix_path {
             let _ = writeln!(out, "  unix:     nbdinfo 'nbd+unix:///{}?socket={}'", x.info.name, p.display());
+        }
+        if let (Some(d), Some(a)) = (&server.tls_dir, server.tcp_addr) {
+            let _ = writeln!(out, "  tls:      nbdinfo 'nbds://{a}/{}?tls-certificates={}'", x.info.name, d.display());
         }
     }
     let _ = writeln!(out, "  control:  nvstack rpc -s {} bdev_get_bdevs", rpc_path.display());

@@ -9,6 +9,9 @@
 //!   submitted to the reactor's channel for the export's bdev. Descriptors carry (connection index, slot) in
 //!   `ctx`/`ctx2` so the reactor routes completions back.
 //! - Replies go out with `writev`: header bytes from the slot, data straight from the arena buffers.
+//! - TLS (after `NBD_OPT_STARTTLS`, see [`super::tls`]): the socket's bytes go through the connection's rustls
+//!   session instead: requests and write payloads are decrypted into the receive buffer (then copied to the
+//!   arena buffers), replies are copied from the same iovecs into the session. Without TLS none of this runs.
 //! - Back-pressure: no free slot, too few buffers or descriptors, or a full channel (`Busy`) stop parsing; the
 //!   socket is not read and TCP flow control pushes back on the client. Nothing allocates per request.
 //!
@@ -26,8 +29,9 @@ use std::time::{Duration, Instant};
 use nvstack_blockdev::{IoChannel, IoDesc, IoError, IoFlags, IoOp, IoStatus, SubmitError};
 use nvstack_driver::dma::{BufPool, DmaBuf, DmaRegion};
 
-use super::handshake::{Handshake, Negotiated, Outcome};
+use super::handshake::{Handshake, Negotiated, Outcome, TlsPolicy};
 use super::proto::{self, cflag, cmd, errno, Checked, Request};
+use super::tls::{TlsConn, TlsIo, TlsMode, TlsSetup};
 use crate::serve::registry::{ExportEntry, Registry};
 
 /// Bytes per arena buffer of a connection.
@@ -98,6 +102,19 @@ fn sys_read(fd: i32, ptr: *mut u8, len: usize) -> Io {
             Some(libc::EAGAIN) | Some(libc::EINTR) => Io::Again,
             _ => Io::Err,
         }
+    }
+}
+
+/// Read into `buf`: straight from the socket, or decrypted through the TLS session when there is one.
+fn read_into(tls: Option<&mut TlsConn>, fd: i32, buf: &mut [u8]) -> Io {
+    match tls {
+        None => sys_read(fd, buf.as_mut_ptr(), buf.len()),
+        Some(t) => match t.read(fd, buf) {
+            TlsIo::Done(n) => Io::Done(n),
+            TlsIo::Again => Io::Again,
+            TlsIo::Eof => Io::Eof,
+            TlsIo::Err => Io::Err,
+        },
     }
 }
 
@@ -206,6 +223,12 @@ pub struct Conn {
     drain_deadline: Option<Instant>,
     iov: Vec<libc::iovec>,
     index: usize,
+    /// The server's TLS setup (None: plaintext only).
+    tls_setup: Option<Arc<TlsSetup>>,
+    /// The TLS session, once `STARTTLS` was acknowledged and the ACK sent.
+    tls: Option<Box<TlsConn>>,
+    /// `STARTTLS` was acknowledged; the session starts once the ACK is on the wire.
+    starttls_pending: bool,
 }
 
 // SAFETY: iovecs hold raw pointers into this connection's own receive buffers and arena buffers; they are only
@@ -221,9 +244,15 @@ pub enum HandshakeStep {
 }
 
 impl Conn {
-    /// A freshly accepted connection (greeting queued).
-    pub fn new(stream: Stream, res: ConnRes, index: usize) -> Conn {
-        let mut hs = Box::new(Handshake::new());
+    /// A freshly accepted connection (greeting queued). With `tls`, `NBD_OPT_STARTTLS` is offered (and required
+    /// in [`TlsMode::Required`]).
+    pub fn new(stream: Stream, res: ConnRes, index: usize, tls: Option<Arc<TlsSetup>>) -> Conn {
+        let policy = match tls.as_ref().map(|t| t.mode) {
+            None => TlsPolicy::Off,
+            Some(TlsMode::Required) => TlsPolicy::Required,
+            Some(TlsMode::Optional) => TlsPolicy::Optional,
+        };
+        let mut hs = Box::new(Handshake::with_tls(policy));
         let out = std::mem::take(hs.output());
         Conn {
             stream,
@@ -262,6 +291,9 @@ impl Conn {
             drain_deadline: None,
             iov: Vec::with_capacity(MAX_IOV),
             index,
+            tls_setup: tls,
+            tls: None,
+            starttls_pending: false,
         }
     }
 
@@ -284,6 +316,9 @@ impl Conn {
     fn close(&mut self, why: &str) {
         if !matches!(self.phase, Phase::Closed) {
             tracing::debug!(conn = self.index, why, "nbd: closing connection");
+            if let Some(t) = self.tls.as_mut() {
+                t.close_notify(self.stream.fd());
+            }
             // SAFETY: shutting down our own socket fd; it stays open (and owned) until the Stream is dropped.
             unsafe { libc::shutdown(self.stream.fd(), libc::SHUT_RDWR) };
             self.phase = Phase::Closed;
@@ -301,10 +336,10 @@ impl Conn {
         let mut busy = false;
         let mut step = HandshakeStep::Pending;
         let mut close = false;
-        if self.out_pos == self.out.len() {
+        if self.out_pos == self.out.len() && !self.starttls_pending {
             self.out.clear();
             self.out_pos = 0;
-            match sys_read(self.stream.fd(), self.rbuf[self.rend..].as_mut_ptr(), RBUF_BYTES - self.rend) {
+            match read_into(self.tls.as_deref_mut(), self.stream.fd(), &mut self.rbuf[self.rend..]) {
                 Io::Done(n) => {
                     self.rend += n;
                     busy = true;
@@ -320,6 +355,7 @@ impl Conn {
                     Outcome::Continue => {}
                     Outcome::Close => close = true,
                     Outcome::Transmission(n) => step = HandshakeStep::Attach(n),
+                    Outcome::StartTls => self.starttls_pending = true,
                 }
                 if self.rstart == self.rend {
                     self.rstart = 0;
@@ -328,6 +364,21 @@ impl Conn {
             }
         }
         busy |= self.flush_out();
+        if self.starttls_pending && self.out_pos == self.out.len() && !close {
+            // The ACK is on the wire: whatever follows is TLS.
+            self.starttls_pending = false;
+            busy = true;
+            let started = match self.tls_setup.as_ref() {
+                Some(setup) => TlsConn::new(setup, self.index, &self.rbuf[self.rstart..self.rend]).ok(),
+                None => None,
+            };
+            self.rstart = 0;
+            self.rend = 0;
+            match started {
+                Some(t) => self.tls = Some(Box::new(t)),
+                None => close = true,
+            }
+        }
         if close {
             // Send what we have (an ABORT's ACK), then close.
             self.close("handshake ended");
@@ -335,8 +386,24 @@ impl Conn {
         (busy, step)
     }
 
+    /// Read from the socket (through TLS when it is on) into the receive buffer's free tail.
+    fn read_rbuf(&mut self) -> Io {
+        read_into(self.tls.as_deref_mut(), self.stream.fd(), &mut self.rbuf[self.rend..])
+    }
+
     fn flush_out(&mut self) -> bool {
         let mut busy = false;
+        if let Some(t) = self.tls.as_mut() {
+            let fd = self.stream.fd();
+            busy |= t.flush(fd).unwrap_or(true);
+            if self.out_pos < self.out.len() {
+                if let TlsIo::Done(n) = t.write(fd, &self.out[self.out_pos..]) {
+                    self.out_pos += n;
+                    busy = true;
+                }
+            }
+            return busy;
+        }
         while self.out_pos < self.out.len() {
             let rest = &self.out[self.out_pos..];
             // SAFETY: writing from a valid slice to our own socket.
@@ -394,6 +461,8 @@ impl Conn {
             || !self.replies.is_empty()
             || self.out_pos < self.out.len()
             || self.dead
+            || self.starttls_pending
+            || self.tls.as_ref().is_some_and(|t| t.needs_polling())
     }
 
     /// Whether the connection is still in the handshake.
@@ -642,7 +711,7 @@ impl Conn {
             busy |= self.send();
         }
         let idle = self.outstanding == 0 && self.retry.is_empty() && self.running.is_empty();
-        let nothing_to_send = self.replies.is_empty();
+        let nothing_to_send = self.replies.is_empty() && !self.tls.as_ref().is_some_and(|t| t.pending_output());
         let receiving = matches!(self.recv, RecvState::Payload { .. } | RecvState::Discard { .. });
         if !self.dead && idle && nothing_to_send && (self.disc || (stopping && !receiving)) {
             self.close(if self.disc { "client disconnected" } else { "server stopping" });
@@ -674,7 +743,7 @@ impl Conn {
         if self.rend == RBUF_BYTES {
             return Some(false);
         }
-        match sys_read(self.stream.fd(), self.rbuf[self.rend..].as_mut_ptr(), RBUF_BYTES - self.rend) {
+        match self.read_rbuf() {
             Io::Done(n) => {
                 self.rend += n;
                 Some(true)
@@ -706,6 +775,16 @@ impl Conn {
                         let _ = buf.write_at(off, &self.rbuf[self.rstart..self.rstart + n]);
                         self.rstart += n;
                         n
+                    } else if self.tls.is_some() {
+                        // TLS decrypts into the receive buffer; the next round copies from there.
+                        match self.fill() {
+                            Some(true) => continue,
+                            Some(false) => return busy,
+                            None => {
+                                self.close("socket closed during a write payload");
+                                return true;
+                            }
+                        }
                     } else {
                         // SAFETY: off + room <= CHUNK_BYTES, inside the buffer this slot owns.
                         let p = unsafe { buf.as_ptr().add(off) };
@@ -875,6 +954,15 @@ impl Conn {
     /// Send queued replies with writev.
     fn send(&mut self) -> bool {
         let mut busy = false;
+        if let Some(t) = self.tls.as_mut() {
+            match t.flush(self.stream.fd()) {
+                Ok(b) => busy |= b,
+                Err(()) => {
+                    self.close("socket write failed");
+                    return true;
+                }
+            }
+        }
         loop {
             if self.replies.is_empty() {
                 return busy;
@@ -916,9 +1004,22 @@ impl Conn {
                 self.reply_skip = 0;
                 return busy;
             }
-            // SAFETY: each iovec points into a live slot header, extra Vec or arena buffer owned by this
-            // connection; none is modified until the reply is fully sent. The iovec count is at most MAX_IOV.
-            let n = unsafe { libc::writev(self.stream.fd(), self.iov.as_ptr(), self.iov.len() as i32) };
+            let n = if let Some(t) = self.tls.as_mut() {
+                // SAFETY: as for writev below: the iovecs point into live slot headers, extra Vecs or arena
+                // buffers of this connection, none modified (nor under device I/O) until the reply is sent.
+                match unsafe { t.write_iov(self.stream.fd(), &self.iov) } {
+                    TlsIo::Done(n) => n as isize,
+                    TlsIo::Again => return busy,
+                    TlsIo::Eof | TlsIo::Err => {
+                        self.close("TLS write failed");
+                        return true;
+                    }
+                }
+            } else {
+                // SAFETY: each iovec points into a live slot header, extra Vec or arena buffer owned by this
+                // connection; none is modified until the reply is fully sent. The iovec count is at most MAX_IOV.
+                unsafe { libc::writev(self.stream.fd(), self.iov.as_ptr(), self.iov.len() as i32) }
+            };
             if n < 0 {
                 match std::io::Error::last_os_error().raw_os_error() {
                     Some(libc::EAGAIN) | Some(libc::EINTR) => return busy,

@@ -2,7 +2,15 @@
 //! export. It runs on a reactor without blocking and is fuzzable (see `fuzz/fuzz_targets/nbd_handshake.rs`).
 //!
 //! Supported options: `EXPORT_NAME`, `ABORT`, `LIST`, `INFO`, `GO`, `STRUCTURED_REPLY`, `LIST_META_CONTEXT` and
-//! `SET_META_CONTEXT` (for `base:allocation`). `STARTTLS` and anything else get `NBD_REP_ERR_UNSUP`.
+//! `SET_META_CONTEXT` (for `base:allocation`), and `STARTTLS` when the server has TLS credentials ([`TlsPolicy`]).
+//! Anything else gets `NBD_REP_ERR_UNSUP`.
+//!
+//! # TLS
+//! With [`TlsPolicy::Required`] (qemu-nbd's behaviour with `--tls-creds`), before `STARTTLS` only `STARTTLS` and
+//! `ABORT` are served: other options get `NBD_REP_ERR_TLS_REQD` and `EXPORT_NAME` (which cannot be answered with
+//! an error) closes the connection. `STARTTLS` is answered `NBD_REP_ACK` and [`Outcome::StartTls`] tells the
+//! caller to run the TLS handshake on the socket and to feed the decrypted bytes from then on; the option state
+//! negotiated in plaintext (structured replies, meta context) is forgotten, as the protocol asks.
 
 use super::proto::{self, info, opt, rep, BlockSizes, ExportLimits};
 
@@ -50,6 +58,17 @@ pub struct Negotiated {
     pub base_allocation: bool,
 }
 
+/// Whether and how the server offers TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsPolicy {
+    /// No TLS credentials: `STARTTLS` gets `NBD_REP_ERR_UNSUP`.
+    Off,
+    /// Every option but `STARTTLS`/`ABORT` needs TLS first (`NBD_REP_ERR_TLS_REQD`).
+    Required,
+    /// `STARTTLS` is offered but plaintext clients are served too.
+    Optional,
+}
+
 /// What to do after feeding bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -59,6 +78,9 @@ pub enum Outcome {
     Transmission(Negotiated),
     /// Send the output, then close the connection.
     Close,
+    /// Send the output in plaintext, then run the TLS handshake on the socket; the bytes after `consumed` are
+    /// the client's first TLS records. Feed the decrypted stream from then on.
+    StartTls,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +102,8 @@ pub struct Handshake {
     structured: bool,
     meta_export: Option<String>,
     options_seen: u32,
+    tls: TlsPolicy,
+    tls_active: bool,
 }
 
 impl Default for Handshake {
@@ -89,8 +113,13 @@ impl Default for Handshake {
 }
 
 impl Handshake {
-    /// Start a handshake: the greeting is already in the output.
+    /// Start a handshake without TLS: the greeting is already in the output.
     pub fn new() -> Self {
+        Self::with_tls(TlsPolicy::Off)
+    }
+
+    /// Start a handshake with the given TLS policy: the greeting is already in the output.
+    pub fn with_tls(tls: TlsPolicy) -> Self {
         let mut out = Vec::with_capacity(512);
         out.extend_from_slice(&proto::encode_greeting(proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES));
         Handshake {
@@ -101,6 +130,8 @@ impl Handshake {
             structured: false,
             meta_export: None,
             options_seen: 0,
+            tls,
+            tls_active: false,
         }
     }
 
@@ -151,6 +182,7 @@ impl Handshake {
             self.pending.clear();
             match outcome {
                 Outcome::Continue => {}
+                Outcome::StartTls => return (used, Outcome::StartTls),
                 other => {
                     self.state = State::Finished;
                     return (used, other);
@@ -215,6 +247,17 @@ impl Handshake {
             self.reply_err(option, rep::ERR_SHUTDOWN, "server is shutting down");
             return Outcome::Continue;
         }
+        if option == opt::STARTTLS {
+            return self.starttls(data);
+        }
+        if self.tls == TlsPolicy::Required && !self.tls_active && option != opt::ABORT {
+            if option == opt::EXPORT_NAME {
+                tracing::debug!("nbd: EXPORT_NAME before STARTTLS on a TLS-only server; closing");
+                return Outcome::Close;
+            }
+            self.reply_err(option, rep::ERR_TLS_REQD, "this server requires TLS: send NBD_OPT_STARTTLS first");
+            return Outcome::Continue;
+        }
         match option {
             opt::EXPORT_NAME => {
                 let Ok(name) = proto::Reader::new(data).string(data.len()) else { return Outcome::Close };
@@ -262,15 +305,30 @@ impl Handshake {
                 self.meta_context(option, data, dir);
                 Outcome::Continue
             }
-            opt::STARTTLS => {
-                self.reply_err(option, rep::ERR_UNSUP, "TLS is not configured on this server");
-                Outcome::Continue
-            }
             _ => {
                 self.reply_err(option, rep::ERR_UNSUP, "option not supported");
                 Outcome::Continue
             }
         }
+    }
+
+    fn starttls(&mut self, data: &[u8]) -> Outcome {
+        let option = opt::STARTTLS;
+        if self.tls == TlsPolicy::Off {
+            self.reply_err(option, rep::ERR_UNSUP, "TLS is not configured on this server");
+        } else if self.tls_active {
+            self.reply_err(option, rep::ERR_INVALID, "TLS is already in use on this connection");
+        } else if !data.is_empty() {
+            self.reply_err(option, rep::ERR_INVALID, "NBD_OPT_STARTTLS takes no data");
+        } else {
+            self.reply(option, rep::ACK, &[]);
+            self.tls_active = true;
+            // Nothing negotiated in plaintext survives the upgrade.
+            self.structured = false;
+            self.meta_export = None;
+            return Outcome::StartTls;
+        }
+        Outcome::Continue
     }
 
     /// `NBD_FLAG_SEND_DF` only with structured replies (the protocol says so).
@@ -496,10 +554,68 @@ mod tests {
         assert_eq!(h.feed(&input, &Dir).1, Outcome::Close);
     }
 
+    #[test]
+    fn tls_required_refuses_options_until_starttls_then_forgets_plaintext_state() {
+        let mut h = Handshake::with_tls(TlsPolicy::Required);
+        h.output().clear();
+        let mut input = 1u32.to_be_bytes().to_vec();
+        input.extend(option(opt::LIST, &[]));
+        input.extend(option(opt::STRUCTURED_REPLY, &[]));
+        input.extend(option(opt::GO, &go_data("disk0", &[info::BLOCK_SIZE])));
+        input.extend(option(opt::STARTTLS, &[1]));
+        input.extend(option(opt::STARTTLS, &[]));
+        input.extend_from_slice(b"\x16\x03\x01"); // The start of a ClientHello: not for the handshake.
+        let (used, o) = h.feed(&input, &Dir);
+        assert_eq!(o, Outcome::StartTls);
+        assert_eq!(used, input.len() - 3, "bytes after STARTTLS belong to TLS");
+        let kinds: Vec<u32> = replies(h.output()).iter().map(|x| x.1).collect();
+        assert_eq!(kinds, vec![rep::ERR_TLS_REQD, rep::ERR_TLS_REQD, rep::ERR_TLS_REQD, rep::ERR_INVALID, rep::ACK]);
+        // Inside TLS: options work, a second STARTTLS is invalid, structured replies must be asked again.
+        h.output().clear();
+        let mut input = option(opt::STARTTLS, &[]);
+        input.extend(option(opt::GO, &go_data("disk0", &[info::BLOCK_SIZE])));
+        let (_, o) = h.feed(&input, &Dir);
+        let Outcome::Transmission(n) = o else { panic!("no transmission: {o:?}") };
+        assert!(!n.structured, "structured replies negotiated before TLS must not survive it");
+        let kinds: Vec<u32> = replies(h.output()).iter().map(|x| x.1).collect();
+        assert_eq!(kinds, vec![rep::ERR_INVALID, rep::INFO, rep::INFO, rep::ACK]);
+    }
+
+    #[test]
+    fn tls_required_closes_on_export_name_and_acks_abort() {
+        let mut h = Handshake::with_tls(TlsPolicy::Required);
+        let mut input = 1u32.to_be_bytes().to_vec();
+        input.extend(option(opt::EXPORT_NAME, b"disk0"));
+        assert_eq!(h.feed(&input, &Dir).1, Outcome::Close);
+        let mut h = Handshake::with_tls(TlsPolicy::Required);
+        h.output().clear();
+        let mut input = 1u32.to_be_bytes().to_vec();
+        input.extend(option(opt::ABORT, &[]));
+        assert_eq!(h.feed(&input, &Dir).1, Outcome::Close);
+        assert_eq!(replies(h.output())[0].1, rep::ACK);
+    }
+
+    #[test]
+    fn tls_optional_serves_plaintext_and_off_refuses_starttls() {
+        let mut h = Handshake::with_tls(TlsPolicy::Optional);
+        h.output().clear();
+        let mut input = 1u32.to_be_bytes().to_vec();
+        input.extend(option(opt::GO, &go_data("disk0", &[info::BLOCK_SIZE])));
+        assert!(matches!(h.feed(&input, &Dir).1, Outcome::Transmission(_)));
+        let mut h = Handshake::new();
+        h.output().clear();
+        let mut input = 1u32.to_be_bytes().to_vec();
+        input.extend(option(opt::STARTTLS, &[]));
+        assert_eq!(h.feed(&input, &Dir).1, Outcome::Continue);
+        assert_eq!(replies(h.output())[0].1, rep::ERR_UNSUP);
+    }
+
     proptest::proptest! {
         #[test]
         fn random_bytes_never_panic(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
             let mut h = Handshake::new();
+            let _ = h.feed(&data, &Dir);
+            let mut h = Handshake::with_tls(TlsPolicy::Required);
             let _ = h.feed(&data, &Dir);
         }
     }

@@ -6,3 +6,4 @@ pub mod handshake;
 #[allow(dead_code)] // The protocol's full constant table; not every value is used by the server.
 pub mod proto;
 pub mod server;
+pub mod tls;

@@ -94,6 +94,10 @@ pub mod rep {
     pub const ERR_POLICY: u32 = ERR | 2;
     /// Syntactically invalid.
     pub const ERR_INVALID: u32 = ERR | 3;
+    /// The server does not support this option on this platform.
+    pub const ERR_PLATFORM: u32 = ERR | 4;
+    /// The server requires TLS before this option.
+    pub const ERR_TLS_REQD: u32 = ERR | 5;
     /// Export unknown.
     pub const ERR_UNKNOWN: u32 = ERR | 6;
     /// Server shutting down.

@@ -21,6 +21,7 @@ use nvstack_blockdev::{IoChannel, IoDesc};
 use nvstack_driver::dma::{Arena, BufPool};
 
 use super::conn::{Conn, ConnRes, HandshakeStep, Stream, BUFS_PER_CONN, CHUNK_BYTES};
+use super::tls::TlsSetup;
 use crate::error::AppError;
 use crate::serve::registry::{BdevEntry, Registry};
 
@@ -36,6 +37,8 @@ pub struct NbdConfig {
     /// When a reactor's NBD work is idle (no I/O in flight), wait this long in epoll for a socket to become
     /// readable instead of spinning (0: pure busy polling, SPDK style).
     pub idle_wait_ms: i32,
+    /// TLS credentials and mode (None: plaintext only, `NBD_OPT_STARTTLS` refused).
+    pub tls: Option<Arc<TlsSetup>>,
 }
 
 impl NbdConfig {
@@ -54,6 +57,8 @@ pub struct NbdServer {
     pub tcp_addr: Option<SocketAddr>,
     /// The Unix socket path.
     pub unix_path: Option<PathBuf>,
+    /// The TLS credentials directory when TLS is on.
+    pub tls_dir: Option<PathBuf>,
 }
 
 impl NbdServer {
@@ -121,6 +126,7 @@ pub fn start(cfg: &NbdConfig, arena: &Arc<Arena>, reactors: &Reactors, registry:
             inbox,
             free: Arc::clone(&free),
             registry: Arc::clone(&registry),
+            tls: cfg.tls.clone(),
             conns: Vec::with_capacity(cfg.max_connections),
             chans: Vec::with_capacity(8),
             done: Vec::with_capacity(256),
@@ -134,7 +140,8 @@ pub fn start(cfg: &NbdConfig, arena: &Arc<Arena>, reactors: &Reactors, registry:
         .name("nbd-accept".into())
         .spawn(move || acc.run())
         .map_err(|source| AppError::Listen { what: "acceptor thread".into(), source })?;
-    Ok(NbdServer { stop, acceptor: Some(acceptor), tcp_addr, unix_path: cfg.unix.clone() })
+    let tls_dir = cfg.tls.as_ref().map(|t| t.dir.clone());
+    Ok(NbdServer { stop, acceptor: Some(acceptor), tcp_addr, unix_path: cfg.unix.clone(), tls_dir })
 }
 
 struct Acceptor {
@@ -228,6 +235,7 @@ struct ReactorPoller {
     inbox: Arc<ArrayQueue<(Stream, ConnRes)>>,
     free: Arc<ArrayQueue<ConnRes>>,
     registry: Arc<Registry>,
+    tls: Option<Arc<TlsSetup>>,
     conns: Vec<Option<Conn>>,
     chans: Vec<Option<ChanEntry>>,
     #[allow(clippy::vec_box)] // Descriptors travel as Box<IoDesc> (the IoChannel contract).
@@ -322,7 +330,7 @@ impl Poller for ReactorPoller {
         let stopping = ctx.stopping();
         while let Some((s, res)) = self.inbox.pop() {
             let idx = self.conns.iter().position(Option::is_none).unwrap_or(self.conns.len());
-            let c = Conn::new(s, res, idx);
+            let c = Conn::new(s, res, idx, self.tls.clone());
             let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: idx as u64 };
             // SAFETY: valid epoll fd, the connection's open socket fd, and a valid event struct.
             unsafe { libc::epoll_ctl(self.epfd, libc::EPOLL_CTL_ADD, c.fd(), &mut ev) };
