@@ -43,6 +43,9 @@ pub enum PoisonCmd {
         /// The journal log file.
         #[arg(long, default_value = "nvstack-data/poison.log")]
         journal: PathBuf,
+        /// The appliance's data directory (`nvstack serve --data-dir`): reads DATA_DIR/poison.log.
+        #[arg(long = "data-dir", conflicts_with = "journal")]
+        data_dir: Option<PathBuf>,
         /// One JSON document instead of a table.
         #[arg(long)]
         json: bool,
@@ -169,7 +172,10 @@ fn parse_u64(s: &str) -> Result<u64, String> {
 /// Bad arguments (exit 2), or a failure to open, map or read.
 pub fn run(args: PoisonArgs, _g: &GlobalOpts) -> Result<ExitCode, AppError> {
     match args.cmd {
-        PoisonCmd::List { journal, json } => list(&journal, json),
+        PoisonCmd::List { journal, data_dir, json } => {
+            let journal = data_dir.map_or(journal, |d| nvstack_rmap::listener::default_journal_path(&d));
+            list(&journal, json)
+        }
         PoisonCmd::Explain(a) => explain(a),
         PoisonCmd::Inject(a) => inject(a),
         PoisonCmd::Watch(a) => watch(a),
@@ -179,7 +185,7 @@ pub fn run(args: PoisonArgs, _g: &GlobalOpts) -> Result<ExitCode, AppError> {
 fn list(journal: &std::path::Path, json: bool) -> Result<ExitCode, AppError> {
     if !journal.exists() {
         return Err(AppError::Usage(format!(
-            "no poison journal at {}: give --journal PATH (the appliance writes DATA_DIR/poison.log)",
+            "no poison journal at {}: give --data-dir DIR or --journal PATH (the appliance writes DATA_DIR/poison.log)",
             journal.display()
         )));
     }

@@ -33,6 +33,9 @@ pub enum Source {
     NvmeMediaError,
     /// `nvstack poison explain`: a question, nothing injected, no action taken.
     Explain,
+    /// A test aid (`serve`'s `nvstack_poison_inject` RPC): a synthetic device-range report run through the whole
+    /// path, acting and journaling as a real one would.
+    Injected,
 }
 
 /// What the poison path did about an event.

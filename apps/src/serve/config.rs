@@ -2,7 +2,8 @@
 //!
 //! Entries of the subsystems nvstack knows (`bdev`, `nvstack_nbd`) are run through the RPC method table in order.
 //! SPDK's tuning methods (`*_set_options`, `bdev_wait_for_examine`) and subsystems nvstack has no counterpart for
-//! (`accel`, `sock`, `iobuf`, `vmd`, `scheduler`...) are skipped with a warning, so SPDK users can bring their
+//! (`accel`, `sock`, `iobuf`, `vmd`, `scheduler`...) are skipped with a warning (as is `bdev_nvme_set_hotplug`:
+//! nvstack attaches controllers only when asked), so SPDK users can bring their
 //! files; any other method is an error that names it.
 
 use serde_json::Value;
@@ -42,7 +43,7 @@ pub fn entries(path: &str, text: &str) -> Result<Vec<(String, String, Value)>, A
                 tracing::warn!(subsystem = name, method, "config: subsystem not supported by nvstack; entry skipped");
                 continue;
             }
-            if method.ends_with("_set_options") || method == "bdev_wait_for_examine" {
+            if method.ends_with("_set_options") || method == "bdev_wait_for_examine" || method == "bdev_nvme_set_hotplug" {
                 tracing::warn!(subsystem = name, method, "config: tuning method not supported by nvstack; skipped");
                 continue;
             }

@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod nbd;
+pub mod poison;
 pub mod registry;
 pub mod rpc;
 
@@ -72,6 +73,15 @@ pub struct ServeArgs {
     /// Extra arena MiB beyond what the NBD connections need (for bdevs that take buffers).
     #[arg(long = "arena-mb", default_value_t = 64)]
     pub arena_mb: u64,
+    /// Do not run the poison listener (SIGBUS, NVMe media errors; journal in DATA_DIR/poison.log).
+    #[arg(long = "no-poison")]
+    pub no_poison: bool,
+    /// Also read machine-check and memory-failure events from this tracefs mount (root; enables the events).
+    #[arg(long = "poison-tracefs", value_name = "DIR")]
+    pub poison_tracefs: Option<PathBuf>,
+    /// Accept the test-aid RPC nvstack_poison_inject (a synthetic poison report on a bdev range, acted on).
+    #[arg(long = "poison-test-rpc")]
+    pub poison_test_rpc: bool,
     /// Poll without ever sleeping (SPDK style). Default: when nothing is in flight, a reactor waits in epoll for
     /// its sockets (up to 2 ms), so an idle appliance uses no CPU.
     #[arg(long = "busy-poll")]
@@ -217,6 +227,7 @@ pub fn run(args: ServeArgs, _g: &GlobalOpts) -> Result<ExitCode, AppError> {
         arena: Arc::clone(&arena),
         reactors: Arc::clone(&reactors),
         listen: Vec::new(),
+        poison: None,
     });
     match &args.config {
         Some(p) => {
@@ -233,7 +244,23 @@ pub fn run(args: ServeArgs, _g: &GlobalOpts) -> Result<ExitCode, AppError> {
         listen.push(format!("nbd+unix:///?socket={}", p.display()));
     }
     drop(app);
-    let app = Arc::new(Appliance { registry: Arc::clone(&registry), arena, reactors: Arc::clone(&reactors), listen });
+    let poison = if args.no_poison {
+        None
+    } else {
+        let opts = poison::PoisonOptions {
+            log: nvstack_rmap::listener::default_journal_path(&args.data_dir),
+            tracefs: args.poison_tracefs.clone(),
+            allow_inject: args.poison_test_rpc,
+        };
+        Some(poison::ServePoison::start(&opts, &registry, &arena)?)
+    };
+    let app = Arc::new(Appliance {
+        registry: Arc::clone(&registry),
+        arena,
+        reactors: Arc::clone(&reactors),
+        listen,
+        poison: poison.clone(),
+    });
     let mut rpc_server = RpcServer::start(&rpc_path, Arc::clone(&app))?;
     print_banner(&registry, &server, &rpc_path);
     while !STOP.load(Ordering::SeqCst) {
@@ -243,6 +270,9 @@ pub fn run(args: ServeArgs, _g: &GlobalOpts) -> Result<ExitCode, AppError> {
     registry.set_stopping();
     server.stop_accepting();
     rpc_server.stop();
+    if let Some(p) = poison {
+        p.stop(poison::STOP_TIMEOUT);
+    }
     drop(app);
     let reactors = Arc::try_unwrap(reactors).map_err(|_| AppError::Failed("reactors still shared at shutdown".into()))?;
     reactors.stop()?;

@@ -7,6 +7,8 @@ use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use nvstack_blockdev::BlockDev;
+use nvstack_driver::nvme::Controller;
+use nvstack_driver::pmem::PmemDevice;
 use serde_json::{json, Value};
 
 use super::nbd::conn::MAX_REQUEST_BYTES;
@@ -115,6 +117,39 @@ pub struct BdevEntry {
     pub claimed_by: RwLock<Option<String>>,
     /// A reactor held a channel to this bdev and flushed it on shutdown (it may not allow a second channel).
     pub reactor_flushed: AtomicBool,
+    /// What else the appliance knows about the device (pmem mapping, NVMe controller).
+    pub extra: BdevExtra,
+}
+
+/// Facts about a bdev beyond the [`BlockDev`] trait, kept for the poison path and `bdev_get_bdevs`.
+#[derive(Debug, Default, Clone)]
+pub struct BdevExtra {
+    /// The mapping of a pmem bdev (the poison listener translates addresses inside it).
+    pub pmem: Option<Arc<PmemDevice>>,
+    /// The NVMe controller (by its `bdev_nvme_attach_controller` name) and namespace ID of an NVMe bdev.
+    pub nvme: Option<(String, u32)>,
+}
+
+/// An NVMe controller attached with `bdev_nvme_attach_controller`: it owns the bdevs of its namespaces.
+pub struct NvmeCtrlrEntry {
+    /// The controller's name (`Nvme0`); its bdevs are `Nvme0n1`, `Nvme0n2`...
+    pub name: String,
+    /// Transport type as given (`PCIe`, or nvstack's `sim`).
+    pub trtype: String,
+    /// Transport address (a PCI BDF; for `sim`, a label).
+    pub traddr: String,
+    /// The parameters to save (`save_config`).
+    pub params: Value,
+    /// The attached controller. Dropping the last reference shuts it down (CC.SHN).
+    pub ctrlr: Arc<Controller>,
+    /// Names of its bdevs, in NSID order.
+    pub bdevs: Vec<String>,
+}
+
+impl std::fmt::Debug for NvmeCtrlrEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NvmeCtrlrEntry").field("name", &self.name).field("traddr", &self.traddr).finish()
+    }
 }
 
 impl std::fmt::Debug for BdevEntry {
@@ -172,6 +207,7 @@ impl std::fmt::Display for RegistryError {
 pub struct Registry {
     bdevs: RwLock<Vec<Arc<BdevEntry>>>,
     exports: RwLock<Vec<Arc<ExportEntry>>>,
+    controllers: RwLock<Vec<Arc<NvmeCtrlrEntry>>>,
     next_id: AtomicU64,
     stopping: AtomicBool,
 }
@@ -205,11 +241,31 @@ impl Registry {
     /// # Errors
     /// [`RegistryError::Exists`] if the name is taken.
     pub fn add_bdev(&self, bdev: Arc<dyn BlockDev>, method: &str, params: Value) -> Result<Arc<BdevEntry>, RegistryError> {
+        self.add_bdev_with(bdev, method, params, BdevExtra::default())
+    }
+
+    /// Add a bdev with what else is known about it.
+    ///
+    /// # Errors
+    /// [`RegistryError::Exists`] if the name is taken.
+    pub fn add_bdev_with(
+        &self,
+        bdev: Arc<dyn BlockDev>,
+        method: &str,
+        params: Value,
+        extra: BdevExtra,
+    ) -> Result<Arc<BdevEntry>, RegistryError> {
         let mut g = write(&self.bdevs);
         if g.iter().any(|b| b.bdev.name() == bdev.name()) {
             return Err(RegistryError::Exists(format!("a bdev named {:?} already exists", bdev.name())));
         }
-        let e = Arc::new(BdevEntry {
+        let e = self.entry(bdev, method, params, extra);
+        g.push(Arc::clone(&e));
+        Ok(e)
+    }
+
+    fn entry(&self, bdev: Arc<dyn BlockDev>, method: &str, params: Value, extra: BdevExtra) -> Arc<BdevEntry> {
+        Arc::new(BdevEntry {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             bdev,
             method: method.to_string(),
@@ -217,9 +273,78 @@ impl Registry {
             stats: IoStats::default(),
             claimed_by: RwLock::new(None),
             reactor_flushed: AtomicBool::new(false),
-        });
-        g.push(Arc::clone(&e));
-        Ok(e)
+            extra,
+        })
+    }
+
+    /// Add an attached NVMe controller and the bdevs of its namespaces (each `(bdev, nsid)`), all or nothing.
+    ///
+    /// # Errors
+    /// [`RegistryError::Exists`] when the controller name, its transport address or a bdev name is taken.
+    pub fn add_controller(
+        &self,
+        mut ctrl: NvmeCtrlrEntry,
+        method: &str,
+        bdevs: Vec<(Arc<dyn BlockDev>, u32)>,
+    ) -> Result<Arc<NvmeCtrlrEntry>, RegistryError> {
+        let mut bg = write(&self.bdevs);
+        let mut cg = write(&self.controllers);
+        if cg.iter().any(|c| c.name == ctrl.name) {
+            return Err(RegistryError::Exists(format!("a controller named {:?} is already attached", ctrl.name)));
+        }
+        if let Some(c) = cg.iter().find(|c| c.trtype.eq_ignore_ascii_case(&ctrl.trtype) && c.traddr == ctrl.traddr) {
+            return Err(RegistryError::Exists(format!("{} is already attached as controller {:?}", ctrl.traddr, c.name)));
+        }
+        if let Some((b, _)) = bdevs.iter().find(|(b, _)| bg.iter().any(|x| x.bdev.name() == b.name())) {
+            return Err(RegistryError::Exists(format!("a bdev named {:?} already exists", b.name())));
+        }
+        ctrl.bdevs = bdevs.iter().map(|(b, _)| b.name().to_string()).collect();
+        for (bdev, nsid) in bdevs {
+            let extra = BdevExtra { pmem: None, nvme: Some((ctrl.name.clone(), nsid)) };
+            let e = self.entry(bdev, method, Value::Null, extra);
+            bg.push(e);
+        }
+        let ctrl = Arc::new(ctrl);
+        cg.push(Arc::clone(&ctrl));
+        Ok(ctrl)
+    }
+
+    /// Remove an NVMe controller and its bdevs, unless one of them is exported or claimed. The caller drops the
+    /// returned entry to shut the controller down (once no channel holds one of its bdevs any more).
+    ///
+    /// # Errors
+    /// [`RegistryError::NotFound`] or [`RegistryError::InUse`] (naming the export or the claiming bdev).
+    pub fn remove_controller(&self, name: &str) -> Result<Arc<NvmeCtrlrEntry>, RegistryError> {
+        let exports = read(&self.exports);
+        let mut bg = write(&self.bdevs);
+        let mut cg = write(&self.controllers);
+        let Some(ci) = cg.iter().position(|c| c.name == name) else {
+            return Err(RegistryError::NotFound(format!("no NVMe controller named {name:?}")));
+        };
+        for b in &cg[ci].bdevs {
+            if let Some(x) = exports.iter().find(|x| x.bdev.bdev.name() == b) {
+                return Err(RegistryError::InUse(format!(
+                    "bdev {b:?} of controller {name:?} is exported as {:?}: delete the export first (nvstack_export_delete)",
+                    x.info.name
+                )));
+            }
+            if let Some(by) = bg.iter().find(|x| x.bdev.name() == b).and_then(|x| read(&x.claimed_by).clone()) {
+                return Err(RegistryError::InUse(format!("bdev {b:?} of controller {name:?} is claimed by {by:?}: delete that first")));
+            }
+        }
+        let c = cg.remove(ci);
+        bg.retain(|x| !c.bdevs.iter().any(|b| b == x.bdev.name()));
+        Ok(c)
+    }
+
+    /// The NVMe controller called `name`.
+    pub fn controller(&self, name: &str) -> Option<Arc<NvmeCtrlrEntry>> {
+        read(&self.controllers).iter().find(|c| c.name == name).cloned()
+    }
+
+    /// Every attached NVMe controller, in attach order.
+    pub fn controllers(&self) -> Vec<Arc<NvmeCtrlrEntry>> {
+        read(&self.controllers).clone()
     }
 
     /// Remove a bdev that is neither exported nor claimed.

@@ -3,13 +3,15 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use nvstack_blockdev::pmem::PmemBdev;
 use nvstack_blockdev::reactor::Reactors;
 use nvstack_blockdev::BlockDev;
 use nvstack_driver::dma::Arena;
 use serde_json::{json, Map, Value};
 
 use super::{code, RpcError};
-use crate::serve::registry::{BdevEntry, Registry, RegistryError};
+use super::nvme;
+use crate::serve::registry::{BdevEntry, BdevExtra, Registry, RegistryError};
 
 /// What the methods act on.
 pub struct Appliance {
@@ -21,6 +23,8 @@ pub struct Appliance {
     pub reactors: Arc<Reactors>,
     /// NBD listen addresses, for `nvstack_get_stats`.
     pub listen: Vec<String>,
+    /// The poison listener (None: `serve --no-poison`, or while the config loads at start).
+    pub poison: Option<Arc<crate::serve::poison::ServePoison>>,
 }
 
 impl std::fmt::Debug for Appliance {
@@ -52,6 +56,32 @@ pub const METHODS: &[&str] = &[
     "nvstack_export_delete",
     "nvstack_export_list",
     "nvstack_get_stats",
+    "bdev_nvme_attach_controller",
+    "bdev_nvme_detach_controller",
+    "bdev_nvme_get_controllers",
+    "nvstack_get_poison_events",
+    "nvstack_poison_explain",
+    "nvstack_poison_inject",
+];
+
+/// Methods that change the set of bdevs or exports: the poison path's reverse maps are brought up to date after
+/// each one succeeds.
+const MUTATING: &[&str] = &[
+    "bdev_malloc_create",
+    "bdev_malloc_delete",
+    "bdev_null_create",
+    "bdev_null_delete",
+    "bdev_aio_create",
+    "bdev_aio_delete",
+    "bdev_uring_create",
+    "bdev_uring_delete",
+    "nvstack_bdev_create",
+    "nvstack_bdev_delete",
+    "nvstack_cache_create",
+    "nvstack_export_create",
+    "nvstack_export_delete",
+    "bdev_nvme_attach_controller",
+    "bdev_nvme_detach_controller",
 ];
 
 /// Methods allowed in a config file (those that build state).
@@ -64,9 +94,10 @@ pub const CONFIG_METHODS: &[&str] =
     "nvstack_bdev_create",
     "nvstack_cache_create",
     "nvstack_export_create",
+    "bdev_nvme_attach_controller",
 ];
 
-fn obj(params: Option<Value>, method: &str) -> Result<Map<String, Value>, RpcError> {
+pub(crate) fn obj(params: Option<Value>, method: &str) -> Result<Map<String, Value>, RpcError> {
     match params {
         None | Some(Value::Null) => Ok(Map::new()),
         Some(Value::Object(m)) => Ok(m),
@@ -74,7 +105,7 @@ fn obj(params: Option<Value>, method: &str) -> Result<Map<String, Value>, RpcErr
     }
 }
 
-fn check_keys(m: &Map<String, Value>, method: &str, known: &[&str]) -> Result<(), RpcError> {
+pub(crate) fn check_keys(m: &Map<String, Value>, method: &str, known: &[&str]) -> Result<(), RpcError> {
     for k in m.keys() {
         if !known.contains(&k.as_str()) {
             return Err(RpcError::params(format!("{method}: unknown parameter {k:?} (known: {})", known.join(", "))));
@@ -83,7 +114,7 @@ fn check_keys(m: &Map<String, Value>, method: &str, known: &[&str]) -> Result<()
     Ok(())
 }
 
-fn get_str<'a>(m: &'a Map<String, Value>, key: &str, method: &str) -> Result<Option<&'a str>, RpcError> {
+pub(crate) fn get_str<'a>(m: &'a Map<String, Value>, key: &str, method: &str) -> Result<Option<&'a str>, RpcError> {
     match m.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
@@ -91,22 +122,22 @@ fn get_str<'a>(m: &'a Map<String, Value>, key: &str, method: &str) -> Result<Opt
     }
 }
 
-fn need_str<'a>(m: &'a Map<String, Value>, key: &str, method: &str) -> Result<&'a str, RpcError> {
+pub(crate) fn need_str<'a>(m: &'a Map<String, Value>, key: &str, method: &str) -> Result<&'a str, RpcError> {
     get_str(m, key, method)?.ok_or_else(|| RpcError::params(format!("{method}: missing required parameter {key:?}")))
 }
 
-fn get_u64(m: &Map<String, Value>, key: &str, method: &str) -> Result<Option<u64>, RpcError> {
+pub(crate) fn get_u64(m: &Map<String, Value>, key: &str, method: &str) -> Result<Option<u64>, RpcError> {
     match m.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(v) => v.as_u64().map(Some).ok_or_else(|| RpcError::params(format!("{method}: {key} must be a non-negative integer"))),
     }
 }
 
-fn need_u64(m: &Map<String, Value>, key: &str, method: &str) -> Result<u64, RpcError> {
+pub(crate) fn need_u64(m: &Map<String, Value>, key: &str, method: &str) -> Result<u64, RpcError> {
     get_u64(m, key, method)?.ok_or_else(|| RpcError::params(format!("{method}: missing required parameter {key:?}")))
 }
 
-fn get_bool(m: &Map<String, Value>, key: &str, method: &str) -> Result<bool, RpcError> {
+pub(crate) fn get_bool(m: &Map<String, Value>, key: &str, method: &str) -> Result<bool, RpcError> {
     match m.get(key) {
         None | Some(Value::Null) => Ok(false),
         Some(Value::Bool(b)) => Ok(*b),
@@ -114,7 +145,7 @@ fn get_bool(m: &Map<String, Value>, key: &str, method: &str) -> Result<bool, Rpc
     }
 }
 
-fn reg_err(e: RegistryError) -> RpcError {
+pub(crate) fn reg_err(e: RegistryError) -> RpcError {
     match e {
         RegistryError::Exists(m) => RpcError::new(code::EXISTS, m),
         RegistryError::NotFound(m) => RpcError::new(code::NO_DEVICE, m),
@@ -123,7 +154,7 @@ fn reg_err(e: RegistryError) -> RpcError {
     }
 }
 
-fn valid_name(name: &str, method: &str) -> Result<(), RpcError> {
+pub(crate) fn valid_name(name: &str, method: &str) -> Result<(), RpcError> {
     if name.is_empty() || name.len() > 128 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c)) {
         return Err(RpcError::params(format!("{method}: name {name:?} must be 1-128 characters of A-Z a-z 0-9 _ - .")));
     }
@@ -131,7 +162,7 @@ fn valid_name(name: &str, method: &str) -> Result<(), RpcError> {
 }
 
 fn open(app: &Appliance, spec: &str, method: &str, params: Value) -> Result<Value, RpcError> {
-    let bdev = nvstack_blockdev::spec::open_bdev(spec, &app.arena).map_err(|e| {
+    let fail = |e: nvstack_blockdev::BdevError| {
         let mut msg = format!("{method}: {e}");
         let mut src = std::error::Error::source(&e);
         while let Some(s) = src {
@@ -139,10 +170,44 @@ fn open(app: &Appliance, spec: &str, method: &str, params: Value) -> Result<Valu
             src = s.source();
         }
         RpcError::params(msg)
-    })?;
+    };
+    let mut extra = BdevExtra::default();
+    let bdev: Arc<dyn BlockDev> = match open_pmem(spec).map_err(fail)? {
+        Some(p) => {
+            extra.pmem = Some(Arc::clone(p.device()));
+            p
+        }
+        None => nvstack_blockdev::spec::open_bdev(spec, &app.arena).map_err(fail)?,
+    };
     let name = bdev.name().to_string();
-    app.registry.add_bdev(bdev, method, params).map_err(reg_err)?;
+    app.registry.add_bdev_with(bdev, method, params, extra).map_err(reg_err)?;
     Ok(Value::String(name))
+}
+
+/// A `pmem:` spec opened as the concrete [`PmemBdev`], so the poison path learns where it is mapped (the
+/// [`BlockDev`] trait does not say). Same syntax as `spec::open_bdev`'s pmem kind: `pmem:PATH[:SIZE][,bs=N][,name=X]`.
+fn open_pmem(spec: &str) -> Result<Option<Arc<PmemBdev>>, nvstack_blockdev::BdevError> {
+    let s = nvstack_blockdev::spec::parse_spec(spec)?;
+    if s.kind != "pmem" {
+        return Ok(None);
+    }
+    let (path, size_bytes) = match s.args.rsplit_once(':') {
+        Some((path, tail)) if !path.is_empty() => match nvstack_blockdev::spec::parse_size(tail) {
+            Ok(size) => (path, Some(size)),
+            Err(_) => (s.args.as_str(), None),
+        },
+        _ => (s.args.as_str(), None),
+    };
+    if path.is_empty() {
+        // Let open_bdev word the error.
+        return Ok(None);
+    }
+    let p = std::path::Path::new(path);
+    let name = s.name.clone().unwrap_or_else(|| {
+        p.file_name().and_then(|n| n.to_str()).map(str::to_owned).unwrap_or_else(|| "pmem0".to_owned())
+    });
+    let bs = s.block_size.unwrap_or(nvstack_blockdev::spec::DEFAULT_BLOCK_SIZE);
+    Ok(Some(PmemBdev::open(&name, p, size_bytes, bs)?))
 }
 
 fn bdev_size_create(app: &Appliance, method: &str, kind: &str, m: Map<String, Value>) -> Result<Value, RpcError> {
@@ -235,11 +300,11 @@ fn bdev_delete(app: &Appliance, method: &str, m: Map<String, Value>, want: &[&st
     Ok(Value::Bool(true))
 }
 
-fn bdev_json(b: &BdevEntry) -> Value {
+fn bdev_json(app: &Appliance, b: &BdevEntry) -> Value {
     let g = b.bdev.geometry();
     let f = b.bdev.features();
     let claimed = b.claimed_by.read().map(|c| c.is_some()).unwrap_or(false);
-    json!({
+    let mut v = json!({
         "name": b.bdev.name(),
         "aliases": [],
         "product_name": b.bdev.product_name(),
@@ -252,7 +317,13 @@ fn bdev_json(b: &BdevEntry) -> Value {
             "reset": false, "nvme_admin": false, "nvme_io": false,
         },
         "driver_specific": { "nvstack": { "max_transfer_bytes": g.max_transfer_bytes, "created_by": b.method } },
-    })
+    });
+    if let Some((ctrlr, nsid)) = &b.extra.nvme {
+        if let Some(n) = nvme::bdev_driver_specific(app, ctrlr, *nsid) {
+            v["driver_specific"]["nvme"] = n;
+        }
+    }
+    v
 }
 
 fn select_bdevs(app: &Appliance, m: &Map<String, Value>, method: &str) -> Result<Vec<Arc<BdevEntry>>, RpcError> {
@@ -267,8 +338,23 @@ fn select_bdevs(app: &Appliance, m: &Map<String, Value>, method: &str) -> Result
 }
 
 fn save_config(app: &Appliance) -> Value {
-    let bdevs: Vec<Value> =
-        app.registry.bdevs().iter().map(|b| json!({"method": b.method, "params": b.params})).collect();
+    // An NVMe controller's entry goes where its first bdev was made (a cache over Nvme0n1 comes after it).
+    let mut saved_ctrlrs: Vec<String> = Vec::new();
+    let mut bdevs: Vec<Value> = Vec::new();
+    for b in app.registry.bdevs() {
+        match &b.extra.nvme {
+            Some((c, _)) => {
+                if saved_ctrlrs.contains(c) {
+                    continue;
+                }
+                if let Some(e) = app.registry.controller(c) {
+                    bdevs.push(json!({"method": nvme::ATTACH, "params": e.params}));
+                }
+                saved_ctrlrs.push(c.clone());
+            }
+            None => bdevs.push(json!({"method": b.method, "params": b.params})),
+        }
+    }
     let exports: Vec<Value> = app
         .registry
         .exports()
@@ -292,6 +378,16 @@ fn save_config(app: &Appliance) -> Value {
 /// A JSON-RPC error object: -32601 for an unknown method, -32602 for bad params, SPDK's negative errno codes for
 /// missing (-19), existing (-17) or busy (-16) objects.
 pub fn call(app: &Appliance, method: &str, params: Option<Value>) -> Result<Value, RpcError> {
+    let res = dispatch(app, method, params);
+    if res.is_ok() && MUTATING.contains(&method) {
+        if let Some(p) = &app.poison {
+            p.sync(&app.registry);
+        }
+    }
+    res
+}
+
+fn dispatch(app: &Appliance, method: &str, params: Option<Value>) -> Result<Value, RpcError> {
     let m = obj(params, method)?;
     match method {
         "spdk_get_version" => {
@@ -317,9 +413,15 @@ pub fn call(app: &Appliance, method: &str, params: Option<Value>) -> Result<Valu
         }
         "nvstack_bdev_delete" => bdev_delete(app, method, m, &["nvstack_bdev_create"]),
         "nvstack_cache_create" => cache_create(app, method, m),
+        "bdev_nvme_attach_controller" => nvme::attach(app, method, m),
+        "bdev_nvme_detach_controller" => nvme::detach(app, method, m),
+        "bdev_nvme_get_controllers" => nvme::get_controllers(app, method, m),
+        "nvstack_get_poison_events" | "nvstack_poison_explain" | "nvstack_poison_inject" => {
+            crate::serve::poison::rpc(app.poison.as_deref(), &app.registry, method, m)
+        }
         "bdev_get_bdevs" => {
             check_keys(&m, method, &["name", "timeout"])?;
-            Ok(Value::Array(select_bdevs(app, &m, method)?.iter().map(|b| bdev_json(b)).collect()))
+            Ok(Value::Array(select_bdevs(app, &m, method)?.iter().map(|b| bdev_json(app, b)).collect()))
         }
         "bdev_get_iostat" => {
             check_keys(&m, method, &["name", "per_channel"])?;

@@ -4,6 +4,7 @@
 //! stream as they complete and answers each with one JSON object followed by a newline.
 
 pub mod methods;
+pub mod nvme;
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -34,6 +35,10 @@ pub mod code {
     pub const EXISTS: i64 = -17;
     /// SPDK's "busy" (-EBUSY).
     pub const BUSY: i64 = -16;
+    /// "Not permitted" (-EPERM): a test aid that serve was not started to allow.
+    pub const NOT_PERMITTED: i64 = -1;
+    /// "Not supported" (-EOPNOTSUPP): the feature is off in this serve.
+    pub const NOT_SUPPORTED: i64 = -95;
 }
 
 /// A JSON-RPC error object.

@@ -1,0 +1,138 @@
+//! The poison listener inside `nvstack serve`: explain and inject (the `--poison-test-rpc` test aid) through the
+//! appliance's reverse maps, the journal over RPC and in DATA_DIR/poison.log, and the errors.
+
+mod serve_common;
+
+use std::process::Command;
+
+use serde_json::{json, Value};
+use serve_common::*;
+
+fn err(v: &Value) -> (i64, String) {
+    (v["error"]["code"].as_i64().unwrap_or_else(|| panic!("no error: {v}")), v["error"]["message"].as_str().unwrap().to_string())
+}
+
+fn events(s: &Server, params: Value) -> Vec<Value> {
+    let v = s.rpc("nvstack_get_poison_events", params);
+    v["result"].as_array().unwrap_or_else(|| panic!("{v}")).clone()
+}
+
+#[test]
+fn events_name_the_owning_export_and_are_journaled() {
+    let s = Server::start("poison", &["--volume", "malloc:8M,name=Vol0", "--poison-test-rpc"]);
+    assert!(events(&s, json!({})).is_empty());
+
+    // Explain: the chain, nothing journaled, nothing done.
+    let v = s.rpc("nvstack_poison_explain", json!({"device": "Vol0", "offset": 4096}));
+    let e = &v["result"];
+    assert_eq!(e["source"], "explain", "{v}");
+    assert_eq!(e["exports"], json!(["disk0"]), "{v}");
+    assert_eq!(e["owners"][0]["owner"], json!({"kind": "volume", "name": "export:disk0", "offset": 4096}), "{v}");
+    assert_eq!(e["action"]["action"], "none");
+    assert!(e["outcome"].as_str().unwrap().contains("would do"), "{v}");
+    assert!(events(&s, json!({})).is_empty(), "explain journals nothing");
+
+    // Inject: through the same pipeline as a real report; an export with nothing known inside is not free space.
+    let v = s.rpc("nvstack_poison_inject", json!({"device": "Vol0", "offset": 8192}));
+    let e = &v["result"];
+    assert_eq!(e["source"], "injected", "{v}");
+    assert_eq!((e["device"].as_str(), e["offset"].as_u64(), e["len"].as_u64()), (Some("Vol0"), Some(8192), Some(4096)), "{v}");
+    assert_eq!(e["exports"], json!(["disk0"]));
+    assert_eq!(e["action"]["action"], "no_owner_known", "{v}");
+    assert!(e["time_unix_ms"].as_u64().unwrap() > 0, "{v}");
+    let first_id = e["id"].as_u64().unwrap();
+
+    // A bdev nobody exports has no owner at all.
+    assert_eq!(s.rpc("bdev_malloc_create", json!({"name": "M1", "num_blocks": 8192, "block_size": 512}))["result"], "M1");
+    let v = s.rpc("nvstack_poison_inject", json!({"device": "M1", "offset": 0, "len": 512}));
+    assert_eq!(v["result"]["owners"], json!([]), "{v}");
+    assert_eq!(v["result"]["exports"], json!([]));
+
+    // Stacked: base -> cache -> export. The chain follows the cache to its export.
+    let v = s.rpc("nvstack_cache_create", json!({"base_bdev_name": "M1", "cache_mb": 4}));
+    let cache = v["result"].as_str().unwrap_or_else(|| panic!("{v}")).to_string();
+    assert_eq!(s.rpc("nvstack_export_create", json!({"name": "c1", "bdev_name": cache}))["result"], true);
+    let v = s.rpc("nvstack_poison_inject", json!({"device": "M1", "offset": 65536}));
+    let e = &v["result"];
+    let chain: Vec<(u64, String)> = e["owners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["depth"].as_u64().unwrap(), p["owner"]["name"].as_str().unwrap_or("").to_string()))
+        .collect();
+    assert_eq!(chain, vec![(0, cache.clone()), (1, "export:c1".to_string())], "{v}");
+    assert_eq!(e["exports"], json!(["c1"]));
+    assert_eq!(e["action"]["action"], "no_owner_known", "the cache registers no map of its pages yet: {v}");
+
+    // Deleting the export takes it out of the chain.
+    assert_eq!(s.rpc("nvstack_export_delete", json!({"name": "disk0"}))["result"], true);
+    let v = s.rpc("nvstack_poison_explain", json!({"device": "Vol0", "offset": 0}));
+    assert_eq!(v["result"]["exports"], json!([]), "{v}");
+
+    // Errors: unknown device, out of range, bad lengths, unknown keys, missing parameters.
+    let (c, m) = err(&s.rpc("nvstack_poison_inject", json!({"device": "nope", "offset": 0})));
+    assert_eq!(c, -19);
+    assert!(m.contains("nope") && m.contains("Vol0"), "the message lists the bdevs: {m}");
+    let (c, m) = err(&s.rpc("nvstack_poison_explain", json!({"device": "Vol0", "offset": 8u64 << 20})));
+    assert_eq!(c, -32602);
+    assert!(m.contains("beyond the end") && m.contains(&(8u64 << 20).to_string()), "{m}");
+    let (c, m) = err(&s.rpc("nvstack_poison_inject", json!({"device": "Vol0", "offset": (8u64 << 20) - 512, "len": 4096})));
+    assert_eq!(c, -32602);
+    assert!(m.contains("beyond the end"), "{m}");
+    let (c, _) = err(&s.rpc("nvstack_poison_inject", json!({"device": "Vol0", "offset": 0, "len": 0})));
+    assert_eq!(c, -32602);
+    let (c, _) = err(&s.rpc("nvstack_poison_inject", json!({"device": "Vol0", "offset": 4096, "len": u64::MAX})));
+    assert_eq!(c, -32602);
+    let (c, m) = err(&s.rpc("nvstack_poison_explain", json!({"device": "Vol0", "offset": 0, "colour": 1})));
+    assert_eq!(c, -32602);
+    assert!(m.contains("colour"), "{m}");
+    let (c, m) = err(&s.rpc("nvstack_poison_explain", json!({"device": "Vol0"})));
+    assert_eq!(c, -32602);
+    assert!(m.contains("offset"), "{m}");
+    // Refused requests journal nothing.
+    let all = events(&s, json!({}));
+    assert_eq!(all.len(), 3, "{all:?}");
+    let last = events(&s, json!({"limit": 1}));
+    assert_eq!(last.len(), 1);
+    assert_eq!(last[0]["id"], all[2]["id"]);
+
+    // `nvstack poison list --data-dir` reads the appliance's journal file.
+    let out = run_ok(Command::new(BIN).args(["poison", "list", "--json", "--data-dir"]).arg(&s.dir));
+    let listed: Value = serde_json::from_str(&out).unwrap();
+    let listed = listed.as_array().unwrap();
+    assert_eq!(listed.len(), 3);
+    assert!(listed.iter().all(|e| e["source"] == "injected"), "{listed:?}");
+    let out = run_ok(Command::new(BIN).args(["poison", "list", "--data-dir"]).arg(&s.dir));
+    assert!(out.contains("Injected") && out.contains("Vol0"), "{out}");
+    let dir = s.dir.clone();
+    assert!(s.stop().success());
+
+    // A restarted appliance appends to the same journal and continues its numbering.
+    let s = Server::start_in(&dir, &["--volume", "malloc:8M,name=Vol0", "--poison-test-rpc"]);
+    assert!(events(&s, json!({})).is_empty(), "the RPC shows this run's events; the log file keeps all");
+    let v = s.rpc("nvstack_poison_inject", json!({"device": "Vol0", "offset": 0}));
+    assert_eq!(v["result"]["id"].as_u64(), Some(first_id + 3), "{v}");
+    assert!(s.stop().success());
+    let log = std::fs::read_to_string(dir.join("poison.log")).unwrap();
+    assert_eq!(log.lines().count(), 4);
+}
+
+#[test]
+fn inject_needs_the_flag_and_no_poison_turns_the_listener_off() {
+    let s = Server::start("poison-noflag", &["--volume", "malloc:1M,name=Vol0"]);
+    let (c, m) = err(&s.rpc("nvstack_poison_inject", json!({"device": "Vol0", "offset": 0})));
+    assert_eq!(c, -1);
+    assert!(m.contains("--poison-test-rpc"), "{m}");
+    // Explain needs no flag.
+    let v = s.rpc("nvstack_poison_explain", json!({"device": "Vol0", "offset": 0}));
+    assert_eq!(v["result"]["exports"], json!(["disk0"]), "{v}");
+    assert!(events(&s, json!({})).is_empty());
+    assert!(s.stop().success());
+
+    let s = Server::start("poison-off", &["--volume", "malloc:1M", "--no-poison", "--poison-test-rpc"]);
+    let (c, m) = err(&s.rpc("nvstack_get_poison_events", json!({})));
+    assert_eq!(c, -95);
+    assert!(m.contains("--no-poison"), "{m}");
+    assert!(!s.dir.join("poison.log").exists());
+    assert!(s.stop().success());
+}
