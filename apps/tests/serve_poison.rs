@@ -136,3 +136,33 @@ fn inject_needs_the_flag_and_no_poison_turns_the_listener_off() {
     assert!(!s.dir.join("poison.log").exists());
     assert!(s.stop().success());
 }
+
+#[test]
+fn sigbus_on_a_pmem_bdev_reaches_the_listener() {
+    let s = Server::start("poison-pmem", &["--volume", "malloc:1M", "--poison-test-rpc"]);
+    let img = s.dir.join("pm.img");
+    let v = s.rpc("nvstack_bdev_create", json!({"spec": format!("pmem:{}:4M,name=Pm0", img.display())}));
+    assert_eq!(v["result"], "Pm0", "{v}");
+    assert_eq!(s.rpc("nvstack_export_create", json!({"name": "pm", "bdev_name": "Pm0"}))["result"], true);
+    // A SIGBUS BUS_MCEERR_AO for a page of the mapping, as the kernel sends on a machine check: the listener thread
+    // drains it, translates the address to (Pm0, offset) and finds the export.
+    let v = s.rpc("nvstack_poison_inject", json!({"device": "Pm0", "offset": 12288 + 100, "via": "sigbus"}));
+    let e = &v["result"];
+    assert_eq!(e["source"], "sigbus_action_optional", "{v}");
+    assert!(e["vaddr"].as_u64().is_some(), "{v}");
+    assert_eq!((e["device"].as_str(), e["offset"].as_u64()), (Some("Pm0"), Some(12288)), "{v}");
+    assert!(e["translation"]["via"].as_str().unwrap().contains("Pm0"), "{v}");
+    assert_eq!(e["exports"], json!(["pm"]));
+    assert_eq!(e["action"]["action"], "no_owner_known");
+    // Only mapped (pmem) bdevs can take a SIGBUS; unknown modes are refused.
+    let (c, m) = err(&s.rpc("nvstack_poison_inject", json!({"device": "Malloc0", "offset": 0, "via": "sigbus"})));
+    assert_eq!(c, -32602);
+    assert!(m.contains("pmem"), "{m}");
+    let (c, _) = err(&s.rpc("nvstack_poison_inject", json!({"device": "Pm0", "offset": 0, "via": "laser"})));
+    assert_eq!(c, -32602);
+    // The pmem bdev's mapping leaves the translator with the bdev.
+    assert_eq!(s.rpc("nvstack_export_delete", json!({"name": "pm"}))["result"], true);
+    assert_eq!(s.rpc("nvstack_bdev_delete", json!({"name": "Pm0"}))["result"], true);
+    assert_eq!(events(&s, json!({})).len(), 1);
+    assert!(s.stop().success());
+}

@@ -29,8 +29,9 @@
 //!
 //! # Test aid
 //! `nvstack_poison_inject {device, offset[, len]}` feeds a synthetic device-range report (source `injected`)
-//! through the same path as a real one (resolve, decide, act, journal). It is refused unless serve runs with
-//! `--poison-test-rpc`.
+//! through the same path as a real one (resolve, decide, act, journal). With `via: "sigbus"` (pmem bdevs only) it
+//! sends the process a synthetic SIGBUS `BUS_MCEERR_AO` for that page instead, which the listener thread picks up
+//! like a kernel machine-check report. It is refused unless serve runs with `--poison-test-rpc`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -47,7 +48,7 @@ use nvstack_rmap::RmapError;
 use serde_json::{json, Map, Value};
 
 use super::registry::{BdevEntry, Registry};
-use super::rpc::methods::{check_keys, get_u64, need_str, need_u64};
+use super::rpc::methods::{check_keys, get_str, get_u64, need_str, need_u64};
 use super::rpc::{code, RpcError};
 use crate::error::AppError;
 
@@ -298,6 +299,37 @@ fn device_range(registry: &Registry, method: &str, m: &Map<String, Value>) -> Re
     Ok((device.to_string(), offset, len))
 }
 
+/// `via: "sigbus"`: a synthetic SIGBUS `BUS_MCEERR_AO` for the page at `offset` of a pmem bdev's mapping, sent to
+/// this thread as the kernel would on a machine check; the listener thread drains it from the handler's ring,
+/// translates the address and journals the event. Answers with that event (waits up to [`SIGBUS_WAIT`]).
+fn inject_sigbus(p: &ServePoison, registry: &Registry, method: &str, device: &str, offset: u64) -> Result<Value, RpcError> {
+    let Some(dev) = registry.bdev(device).and_then(|b| b.extra.pmem.clone()) else {
+        return Err(RpcError::params(format!("{method}: via \"sigbus\" needs a pmem bdev (mapped into serve); {device:?} is not one")));
+    };
+    let page = usize::try_from(offset & !4095).map_err(|_| RpcError::params(format!("{method}: offset too large")))?;
+    let addr = dev.base_addr().checked_add(page).ok_or_else(|| RpcError::params(format!("{method}: offset too large")))?;
+    let last_id = p.path.journal.list().last().map_or(0, |e| e.id);
+    nvstack_driver::pmem::mc_copy::inject_synthetic_sigbus(addr, false, 12)
+        .map_err(|e| RpcError::new(code::IO_ERROR, format!("{method}: {e}")))?;
+    let deadline = std::time::Instant::now() + SIGBUS_WAIT;
+    loop {
+        let found = p.path.journal.list().into_iter().find(|e| e.id > last_id && e.vaddr == Some(addr as u64));
+        if let Some(e) = found {
+            return Ok(event_json(&e));
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(RpcError::new(
+                code::IO_ERROR,
+                format!("{method}: the listener journaled no event for {addr:#x} within {} ms", SIGBUS_WAIT.as_millis()),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// How long `via: "sigbus"` waits for the listener's event.
+pub const SIGBUS_WAIT: Duration = Duration::from_secs(2);
+
 /// `nvstack_get_poison_events {limit}`, `nvstack_poison_explain {device, offset, len}` and
 /// `nvstack_poison_inject {device, offset, len}`.
 pub fn rpc(p: Option<&ServePoison>, registry: &Registry, method: &str, m: Map<String, Value>) -> Result<Value, RpcError> {
@@ -318,7 +350,7 @@ pub fn rpc(p: Option<&ServePoison>, registry: &Registry, method: &str, m: Map<St
             Ok(event_json(&p.path.explain(RawReport::Device { source: Source::Explain, device, offset, len })))
         }
         "nvstack_poison_inject" => {
-            check_keys(&m, method, &["device", "offset", "len"])?;
+            check_keys(&m, method, &["device", "offset", "len", "via"])?;
             if !p.allow_inject {
                 return Err(RpcError::new(
                     code::NOT_PERMITTED,
@@ -326,6 +358,11 @@ pub fn rpc(p: Option<&ServePoison>, registry: &Registry, method: &str, m: Map<St
                 ));
             }
             let (device, offset, len) = device_range(registry, method, &m)?;
+            match get_str(&m, "via", method)?.unwrap_or("report") {
+                "report" => {}
+                "sigbus" => return inject_sigbus(p, registry, method, &device, offset),
+                other => return Err(RpcError::params(format!("{method}: via {other:?} must be \"report\" or \"sigbus\""))),
+            }
             let ev = p.path.handle(RawReport::Device { source: Source::Injected, device, offset, len });
             // The journal stamps its copy with the time: answer with that one.
             let journaled = p.path.journal.list().into_iter().rev().find(|e| e.id == ev.id);

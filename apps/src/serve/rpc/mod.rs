@@ -39,6 +39,8 @@ pub mod code {
     pub const NOT_PERMITTED: i64 = -1;
     /// "Not supported" (-EOPNOTSUPP): the feature is off in this serve.
     pub const NOT_SUPPORTED: i64 = -95;
+    /// "I/O error" (-EIO): a test aid's event did not arrive.
+    pub const IO_ERROR: i64 = -5;
 }
 
 /// A JSON-RPC error object.
