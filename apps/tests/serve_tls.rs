@@ -223,3 +223,63 @@ fn optional_tls_serves_both_and_bad_creds_are_refused_at_start() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(text(&out).contains("server-cert.pem"), "{}", text(&out));
 }
+
+/// (offset, length, type) of `nbdinfo --map --json`.
+fn map(uri: &str) -> Vec<(u64, u64, u64)> {
+    let out = run_ok(Command::new("nbdinfo").args(["--map", "--json"]).arg(uri));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    v.as_array()
+        .unwrap_or_else(|| panic!("not a list: {out}"))
+        .iter()
+        .map(|e| (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap(), e["type"].as_u64().unwrap()))
+        .collect()
+}
+
+fn type_at(m: &[(u64, u64, u64)], at: u64) -> u64 {
+    m.iter().find(|e| e.0 <= at && at < e.0 + e.1).unwrap_or_else(|| panic!("no extent covers {at}: {m:?}")).2
+}
+
+#[test]
+fn nbdinfo_map_shows_holes_and_data_of_a_sparse_file_export() {
+    need("nbdinfo", "libnbd-bin");
+    need("qemu-io", "qemu-utils");
+    let dir = tmpdir("tls-map");
+    let creds = make_creds(&dir);
+    let s = Server::start_in(&dir, &[
+        "--volume-size", "16M", "--tls-creds", creds.server.to_str().unwrap(), "--tls-mode", "optional",
+    ]);
+    let uri = s.unix_uri("disk0");
+    // A fresh sparse volume: one hole that reads as zeroes (type 3 = hole|zero).
+    let m = map(&uri);
+    assert_eq!(m, vec![(0, 16 << 20, 3)], "fresh volume");
+    run_ok(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x5a 1M 64k", "-c", "write -P 1 8M 4k"]).arg(&uri));
+    for m in [map(&uri), map(&tls_uri(&s, "disk0", &creds.client))] {
+        assert_eq!(m.iter().map(|e| e.1).sum::<u64>(), 16 << 20, "extents cover the export: {m:?}");
+        assert_eq!(type_at(&m, 0), 3, "{m:?}");
+        assert_eq!(type_at(&m, (1 << 20) - 4096), 3, "{m:?}");
+        assert_eq!(type_at(&m, 1 << 20), 0, "written: data {m:?}");
+        assert_eq!(type_at(&m, (1 << 20) + (60 << 10)), 0, "{m:?}");
+        assert_eq!(type_at(&m, 4 << 20), 3, "{m:?}");
+        assert_eq!(type_at(&m, 8 << 20), 0, "{m:?}");
+        assert_eq!(type_at(&m, 12 << 20), 3, "{m:?}");
+        assert!(m.len() >= 5, "several extents in the reply: {m:?}");
+    }
+    // qemu asks with NBD_CMD_FLAG_REQ_ONE (one extent per reply): the same picture through qemu-img map.
+    let out = run_ok(Command::new("qemu-img").args(["map", "--output=json", "-f", "raw"]).arg(&uri));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let data: Vec<(u64, u64)> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["data"] == true)
+        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect();
+    assert!(data.iter().any(|&(o, l)| o <= 1 << 20 && (1 << 20) + (64 << 10) <= o + l), "qemu-img map: {out}");
+    assert!(data.iter().any(|&(o, l)| o <= 8 << 20 && (8 << 20) < o + l), "qemu-img map: {out}");
+    assert!(data.iter().map(|e| e.1).sum::<u64>() < 4 << 20, "holes are not data: {out}");
+    // A discard punches the hole back.
+    run_ok(Command::new("qemu-io").args(["-f", "raw", "-c", "discard 1M 64k"]).arg(&uri));
+    let m = map(&uri);
+    assert_eq!(type_at(&m, 1 << 20), 3, "discarded range is a hole again: {m:?}");
+    assert!(s.stop().success());
+}

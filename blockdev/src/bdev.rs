@@ -558,6 +558,16 @@ pub trait BlockDev: Send + Sync {
     /// # Errors
     /// [`BdevError::Channel`] (or the backend's own set-up error) when resources cannot be had.
     fn open_channel(&self, opts: ChannelOpts) -> Result<Box<dyn IoChannel>, BdevError>;
+    /// Allocation status at `offset_bytes`: `Some((run_bytes, allocated))`, where `run_bytes` (1..=`len_bytes`)
+    /// is the length of the first run that is all data (`allocated`) or all hole (`!allocated`: reads as
+    /// zeroes), looking no further than `len_bytes`. `None`: the device cannot tell (or the range is empty or
+    /// past the end); callers report such bytes as allocated data. It reflects every completed write. It may make
+    /// a system call (the file backend's `SEEK_DATA`/`SEEK_HOLE`): for metadata queries such as NBD
+    /// `BLOCK_STATUS`, not for the data path. Default: `None`.
+    fn block_status(&self, offset_bytes: u64, len_bytes: u64) -> Option<(u64, bool)> {
+        let _ = (offset_bytes, len_bytes);
+        None
+    }
 }
 
 /// Submit one request and poll until it completes or `timeout` passes. For control paths and tests, never for the

@@ -355,6 +355,40 @@ impl BlockDev for FileBdev {
     fn features(&self) -> Features {
         self.feat
     }
+    /// `lseek(SEEK_DATA)` then `lseek(SEEK_HOLE)` on the open file (explicit-offset I/O never uses the file
+    /// position, so moving it is harmless). `ENXIO` from `SEEK_DATA` means no data at or after the offset: a hole
+    /// to the end. Any other failure (a file system or block device without hole support): `None`.
+    fn block_status(&self, offset_bytes: u64, len_bytes: u64) -> Option<(u64, bool)> {
+        let size = self.geo.size_bytes();
+        if len_bytes == 0 || offset_bytes >= size {
+            return None;
+        }
+        let len = len_bytes.min(size - offset_bytes);
+        let off = i64::try_from(offset_bytes).ok()?;
+        let fd = self.shared.file.as_raw_fd();
+        // SAFETY: lseek on the bdev's open fd with a valid whence; it touches no memory.
+        let data = unsafe { libc::lseek(fd, off, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                return Some((len, false));
+            }
+            tracing::debug!(bdev = %self.shared.name, error = %e, "SEEK_DATA failed; allocation unknown");
+            return None;
+        }
+        let data = u64::try_from(data).ok()?;
+        if data > offset_bytes {
+            return Some(((data - offset_bytes).min(len), false));
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, off, libc::SEEK_HOLE) };
+        let hole = u64::try_from(hole).ok()?;
+        if hole <= offset_bytes {
+            return None; // The file changed between the two calls: say nothing.
+        }
+        Some(((hole - offset_bytes).min(len), true))
+    }
+
     fn open_channel(&self, opts: ChannelOpts) -> Result<Box<dyn IoChannel>, BdevError> {
         let depth = crate::bdev::check_queue_depth(&self.shared.name, &opts, MAX_QUEUE_DEPTH)?;
         let ring = Ring::new(&self.shared, opts.queue_depth)?;
@@ -919,6 +953,39 @@ mod tests {
 
     fn cfg(path: PathBuf, size: Option<u64>, bs: Option<u32>) -> FileConfig {
         FileConfig { path, size_bytes: size, block_size: bs }
+    }
+
+    #[test]
+    fn block_status_reports_holes_and_data_of_a_sparse_file() {
+        let d = Dir::new("/var/tmp", "bstat");
+        let a = arena();
+        let p = d.file("s.img");
+        let b = FileBdev::open("t", &cfg(p.clone(), Some(8 << 20), None), &a).unwrap();
+        // A fresh sparse file is one hole; a range past the end or of length 0 is unknown.
+        assert_eq!(b.block_status(0, 8 << 20), Some((8 << 20, false)));
+        assert_eq!(b.block_status(4096, 1 << 20), Some((1 << 20, false)));
+        assert_eq!(b.block_status(8 << 20, 4096), None);
+        assert_eq!(b.block_status(0, 0), None);
+        // Data at 1 MiB..1 MiB+64 KiB and in the last 4 KiB, written behind the bdev's back (same inode).
+        {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+            f.write_all_at(&[0xabu8; 64 << 10], 1 << 20).unwrap();
+            f.write_all_at(&[1u8; 4096], (8 << 20) - 4096).unwrap();
+            f.sync_all().unwrap();
+        }
+        assert_eq!(b.block_status(0, 8 << 20), Some((1 << 20, false)));
+        let (run, alloc) = b.block_status(1 << 20, 8 << 20).unwrap();
+        assert!(alloc, "written range is data");
+        // File systems may allocate beyond what was written (preallocation), but never less.
+        assert!(((64 << 10)..(7 << 20) - 4096).contains(&run), "data run {run}");
+        // After the data run: a hole again.
+        assert_eq!(b.block_status((1 << 20) + run, 4096), Some((4096, false)));
+        // Runs are clipped to the asked length and to the device.
+        assert_eq!(b.block_status(1 << 20, 4096), Some((4096, true)));
+        assert_eq!(b.block_status((8 << 20) - 4096, 1 << 30), Some((4096, true)));
+        // The middle of the big hole after the data.
+        assert_eq!(b.block_status(4 << 20, 4096), Some((4096, false)));
     }
 
     #[test]

@@ -48,6 +48,8 @@ pub const DESCS_PER_CONN: usize = SLOTS + 32;
 const RBUF_BYTES: usize = 256 << 10;
 /// Most iovecs in one writev.
 const MAX_IOV: usize = 64;
+/// Most extents in one `BLOCK_STATUS` reply (each may cost the bdev a system call or two).
+const MAX_EXTENTS: usize = 256;
 /// A handshake must finish within this.
 const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(30);
 /// On shutdown, replies still unsent after this are dropped with the connection.
@@ -229,6 +231,8 @@ pub struct Conn {
     tls: Option<Box<TlsConn>>,
     /// `STARTTLS` was acknowledged; the session starts once the ACK is on the wire.
     starttls_pending: bool,
+    /// `BLOCK_STATUS` extents (length, `NBD_STATE_*` flags) of the request being answered.
+    extents: Vec<(u32, u32)>,
 }
 
 // SAFETY: iovecs hold raw pointers into this connection's own receive buffers and arena buffers; they are only
@@ -294,6 +298,7 @@ impl Conn {
             tls_setup: tls,
             tls: None,
             starttls_pending: false,
+            extents: Vec::with_capacity(MAX_EXTENTS),
         }
     }
 
@@ -616,7 +621,48 @@ impl Conn {
         self.retry.push_front(io);
     }
 
+    /// Ask the bdev which parts of `length` bytes at `offset` are holes, into `self.extents`: whole blocks per
+    /// extent (but the request's own tail), neighbours with the same flags merged, at most [`MAX_EXTENTS`]
+    /// (fewer bytes than asked is allowed), exactly one with `NBD_CMD_FLAG_REQ_ONE`. What the bdev cannot tell is
+    /// reported allocated.
+    fn fill_extents(&mut self, offset: u64, length: u32, one: bool) {
+        self.extents.clear();
+        let Some(x) = self.export.as_ref() else { return };
+        let bdev = &x.bdev.bdev;
+        let bs = self.block_bytes.max(1);
+        let Some(end) = offset.checked_add(u64::from(length)) else { return };
+        let mut at = offset;
+        while at < end && self.extents.len() < MAX_EXTENTS {
+            let left = end - at;
+            let (mut run, mut allocated) = bdev.block_status(at, left).unwrap_or((left, true));
+            run = run.min(left);
+            if run < left {
+                run -= run % bs;
+            }
+            if run == 0 {
+                // Less than a block of one kind: call the block allocated.
+                run = bs.min(left);
+                allocated = true;
+            }
+            let flags = if allocated { 0 } else { proto::state::HOLE | proto::state::ZERO };
+            // run <= left <= length: fits u32, and so does a merged sum (at most length).
+            let run32 = run as u32;
+            match self.extents.last_mut() {
+                Some(last) if last.1 == flags => last.0 += run32,
+                _ => self.extents.push((run32, flags)),
+            }
+            at += run;
+            if one {
+                break;
+            }
+        }
+    }
+
     fn finish(&mut self, s: usize) {
+        if self.slots[s].op == SlotOp::BlockStatus && self.slots[s].error == 0 {
+            let r = self.slots[s].req;
+            self.fill_extents(r.offset, r.length, r.flags & cflag::REQ_ONE != 0);
+        }
         let structured = self.structured;
         let slot = &mut self.slots[s];
         let h = slot.req.handle;
@@ -642,14 +688,11 @@ impl Conn {
                 slot.data_len = slot.req.length as usize;
             }
             SlotOp::BlockStatus if slot.error == 0 => {
-                // The backing cannot tell holes from data through the BlockDev contract: report the range as
-                // allocated data (status 0), which the protocol allows for any block.
-                proto::encode_block_status(
-                    &mut slot.extra,
-                    h,
-                    super::handshake::BASE_ALLOCATION_ID,
-                    &[(slot.req.length, 0)],
-                );
+                // Holes as the bdev reports them (BlockDev::block_status); without an answer, allocated data
+                // (status 0), which the protocol allows for any block.
+                let all = [(slot.req.length, 0)];
+                let ext: &[(u32, u32)] = if self.extents.is_empty() { &all } else { &self.extents };
+                proto::encode_block_status(&mut slot.extra, h, super::handshake::BASE_ALLOCATION_ID, ext);
             }
             _ => {
                 if structured && slot.error != 0 {
