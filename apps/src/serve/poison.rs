@@ -3,8 +3,9 @@
 //! At start, serve builds a [`PoisonPath`] whose journal keeps [`DEFAULT_JOURNAL_EVENTS`] events in memory and
 //! appends every event to `DATA_DIR/poison.log` (JSON lines, what `nvstack poison list` reads), and runs the rmap
 //! listener thread: it drains the SIGBUS ring (faults in guarded pmem copies, early-kill reports), optionally
-//! tracefs (`serve --poison-tracefs`), and the NVMe media-error queue, every [`POLL_PERIOD`]. Nothing of this runs on
-//! the I/O path.
+//! tracefs (`serve --poison-tracefs`), and the media-error queue, every [`POLL_PERIOD`]. Nothing of this runs on
+//! the I/O path but [`BdevEntry::report_io_error`], a bounded lock-free queue push when a request fails with a media
+//! error.
 //!
 //! # What the reverse maps know
 //! Each bdev of the appliance gets, by [`register_bdev`]:
@@ -102,6 +103,7 @@ impl ServePoison {
             path.translator.add(Mapping { device: "arena".into(), vaddr: Some(r.host_addr), len: r.len, device_offset, phys: None });
         }
         path.add_target(Arc::new(ApplianceTarget { registry: Arc::downgrade(registry) }));
+        registry.set_media_sink(Arc::clone(&path));
         if let Some(t) = &opts.tracefs {
             if let Err(e) = path.enable_tracefs(t) {
                 tracing::warn!(error = %e, "poison: tracefs events will not be seen");
@@ -409,5 +411,26 @@ mod tests {
         assert!(t.owns("A") && !t.owns("B"));
         assert!(t.zero_and_clear("A", 0, 4096).is_ok());
         assert!(t.zero_and_clear("A", 1, 4096).is_err(), "not whole blocks");
+    }
+
+    #[test]
+    fn media_errors_from_the_io_path_become_events() {
+        let reg = Registry::new();
+        let path = PoisonPath::new(Journal::new(8, None).unwrap());
+        let p = ServePoison { path, known: Mutex::new(BTreeMap::new()), allow_inject: false, listener: Mutex::new(None), log: PathBuf::new() };
+        let a = reg.add_bdev(malloc("A"), "bdev_malloc_create", Value::Null).unwrap();
+        reg.add_export("ea", "A", "", false).unwrap();
+        p.sync(&reg);
+        let media = nvstack_blockdev::IoError::Media { offset_blocks: 8, num_blocks: 2 };
+        assert!(!a.report_io_error(&media), "no listener yet: dropped");
+        reg.set_media_sink(Arc::clone(&p.path));
+        assert!(!a.report_io_error(&nvstack_blockdev::IoError::Os { errno: 5 }), "only media errors");
+        assert!(a.report_io_error(&media));
+        assert_eq!(p.path.poll_once(&mut Vec::new()), 1);
+        let ev = p.path.journal.list().pop().unwrap();
+        assert_eq!(ev.source, Source::NvmeMediaError);
+        let j = event_json(&ev);
+        assert_eq!((j["device"].as_str(), j["offset"].as_u64(), j["len"].as_u64()), (Some("A"), Some(4096), Some(1024)));
+        assert_eq!(j["exports"], json!(["ea"]));
     }
 }

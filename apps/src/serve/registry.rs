@@ -3,13 +3,15 @@
 //! relaxed atomic counters.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Instant;
 
-use nvstack_blockdev::BlockDev;
+use nvstack_blockdev::{BlockDev, IoError};
 use nvstack_driver::nvme::Controller;
 use nvstack_driver::pmem::PmemDevice;
 use serde_json::{json, Value};
+
+use nvstack_rmap::listener::PoisonPath;
 
 use super::nbd::conn::MAX_REQUEST_BYTES;
 use super::nbd::handshake::{ExportDirectory, ExportInfo};
@@ -119,6 +121,32 @@ pub struct BdevEntry {
     pub reactor_flushed: AtomicBool,
     /// What else the appliance knows about the device (pmem mapping, NVMe controller).
     pub extra: BdevExtra,
+    /// Where media errors go (the poison path), once serve has started it.
+    #[allow(dead_code)] // Read by report_io_error, which the NBD completion path does not call yet (see there).
+    media_sink: Arc<OnceLock<Arc<PoisonPath>>>,
+}
+
+impl BdevEntry {
+    /// Hand a media error seen on the I/O path to the poison listener (a bounded lock-free queue: never blocks; a
+    /// full queue is counted there). Other errors, pmem bdevs (their poison arrives as SIGBUS) and a serve without
+    /// the listener are ignored. Returns whether the error was queued.
+    ///
+    /// Not wired yet: `nbd::conn::Conn::complete` should call it for a failed request
+    /// (`if let Some(x) = &self.export { x.bdev.report_io_error(&e); }`); until then NVMe media errors reach the
+    /// journal only through this call in tests.
+    #[allow(dead_code)]
+    pub fn report_io_error(&self, e: &IoError) -> bool {
+        let IoError::Media { offset_blocks, num_blocks } = *e else { return false };
+        if self.extra.pmem.is_some() {
+            return false;
+        }
+        let Some(sink) = self.media_sink.get() else { return false };
+        let bs = u64::from(self.bdev.geometry().block_size);
+        match (offset_blocks.checked_mul(bs), num_blocks.checked_mul(bs)) {
+            (Some(offset), Some(len)) => sink.report_media_error(self.bdev.name(), offset, len),
+            _ => false,
+        }
+    }
 }
 
 /// Facts about a bdev beyond the [`BlockDev`] trait, kept for the poison path and `bdev_get_bdevs`.
@@ -208,6 +236,7 @@ pub struct Registry {
     bdevs: RwLock<Vec<Arc<BdevEntry>>>,
     exports: RwLock<Vec<Arc<ExportEntry>>>,
     controllers: RwLock<Vec<Arc<NvmeCtrlrEntry>>>,
+    media_sink: Arc<OnceLock<Arc<PoisonPath>>>,
     next_id: AtomicU64,
     stopping: AtomicBool,
 }
@@ -229,6 +258,12 @@ impl Registry {
     /// An empty registry.
     pub fn new() -> Arc<Registry> {
         Arc::new(Registry { next_id: AtomicU64::new(1), ..Default::default() })
+    }
+
+    /// Send media errors of every bdev (see [`BdevEntry::report_io_error`]) to `path`. Set once; later calls are
+    /// ignored.
+    pub fn set_media_sink(&self, path: Arc<PoisonPath>) {
+        let _ = self.media_sink.set(path);
     }
 
     /// Mark the server as stopping (handshakes then answer `NBD_REP_ERR_SHUTDOWN`).
@@ -274,6 +309,7 @@ impl Registry {
             claimed_by: RwLock::new(None),
             reactor_flushed: AtomicBool::new(false),
             extra,
+            media_sink: Arc::clone(&self.media_sink),
         })
     }
 
