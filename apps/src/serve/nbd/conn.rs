@@ -400,12 +400,20 @@ impl Conn {
         let mut busy = false;
         if let Some(t) = self.tls.as_mut() {
             let fd = self.stream.fd();
-            busy |= t.flush(fd).unwrap_or(true);
-            if self.out_pos < self.out.len() {
-                if let TlsIo::Done(n) = t.write(fd, &self.out[self.out_pos..]) {
-                    self.out_pos += n;
-                    busy = true;
+            let mut failed = t.flush(fd).map(|b| busy |= b).is_err();
+            if !failed && self.out_pos < self.out.len() {
+                match t.write(fd, &self.out[self.out_pos..]) {
+                    TlsIo::Done(n) => {
+                        self.out_pos += n;
+                        busy = true;
+                    }
+                    TlsIo::Again => {}
+                    TlsIo::Eof | TlsIo::Err => failed = true,
                 }
+            }
+            if failed {
+                self.close("TLS write failed during the handshake");
+                return true;
             }
             return busy;
         }
