@@ -493,6 +493,10 @@ impl Conn {
         let Some(slot) = self.slots.get_mut(s) else { return };
         slot.inflight -= 1;
         if let IoStatus::Failed(e) = st {
+            if let Some(x) = &self.export {
+                // Media errors go to the poison listener (a lock-free queue; other errors are ignored there).
+                x.bdev.report_io_error(&e);
+            }
             if slot.error == 0 {
                 slot.error = map_io_error(e);
                 tracing::debug!(error = %e, handle = slot.req.handle, "nbd: request failed");
