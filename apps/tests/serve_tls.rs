@@ -30,14 +30,23 @@ extendedKeyUsage = serverAuth
 subjectAltName = DNS:localhost,IP:127.0.0.1
 subjectKeyIdentifier = hash
 authorityKeyIdentifier = keyid
+[v3_cli]
+basicConstraints = critical,CA:FALSE
+keyUsage = critical,digitalSignature
+extendedKeyUsage = clientAuth
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
 ";
 
 /// Credentials made with openssl: `server/` (qemu's server layout), `client/` (ca-cert.pem of the right CA),
-/// `wrong/` (ca-cert.pem of another CA).
+/// `wrong/` (ca-cert.pem of another CA), `client_cert/` (the right CA plus client-cert.pem/client-key.pem signed
+/// by it), `rogue_cert/` (the right CA plus a client certificate signed by the other CA).
 struct Creds {
     server: PathBuf,
     client: PathBuf,
     wrong: PathBuf,
+    client_cert: PathBuf,
+    rogue_cert: PathBuf,
 }
 
 fn openssl(dir: &Path, args: &[&str]) {
@@ -54,8 +63,14 @@ fn make_ca(dir: &Path, key: &str, cert: &str) {
 fn make_creds(base: &Path) -> Creds {
     need("openssl", "openssl");
     let d = base.join("pki");
-    let c = Creds { server: d.join("server"), client: d.join("client"), wrong: d.join("wrong") };
-    for p in [&c.server, &c.client, &c.wrong] {
+    let c = Creds {
+        server: d.join("server"),
+        client: d.join("client"),
+        wrong: d.join("wrong"),
+        client_cert: d.join("client_cert"),
+        rogue_cert: d.join("rogue_cert"),
+    };
+    for p in [&c.server, &c.client, &c.wrong, &c.client_cert, &c.rogue_cert] {
         std::fs::create_dir_all(p).unwrap();
     }
     std::fs::write(d.join("openssl.cnf"), OPENSSL_CNF).unwrap();
@@ -70,6 +85,19 @@ fn make_creds(base: &Path) -> Creds {
     ]);
     std::fs::copy(c.server.join("ca-cert.pem"), c.client.join("ca-cert.pem")).unwrap();
     make_ca(&d, "wrong-key.pem", "wrong/ca-cert.pem");
+    for (dir, ca, ca_key) in [("client_cert", "server/ca-cert.pem", "ca-key.pem"), ("rogue_cert", "wrong/ca-cert.pem", "wrong-key.pem")] {
+        std::fs::copy(c.server.join("ca-cert.pem"), d.join(dir).join("ca-cert.pem")).unwrap();
+        let key = format!("{dir}/client-key.pem");
+        let csr = format!("{dir}/client.csr");
+        openssl(&d, &[
+            "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", &key,
+            "-out", &csr, "-subj", "/CN=nvstack test client",
+        ]);
+        openssl(&d, &[
+            "x509", "-req", "-in", &csr, "-CA", ca, "-CAkey", ca_key, "-set_serial", "3", "-days", "2", "-extfile",
+            "openssl.cnf", "-extensions", "v3_cli", "-out", &format!("{dir}/client-cert.pem"),
+        ]);
+    }
     c
 }
 
@@ -281,5 +309,38 @@ fn nbdinfo_map_shows_holes_and_data_of_a_sparse_file_export() {
     run_ok(Command::new("qemu-io").args(["-f", "raw", "-c", "discard 1M 64k"]).arg(&uri));
     let m = map(&uri);
     assert_eq!(type_at(&m, 1 << 20), 3, "discarded range is a hole again: {m:?}");
+    assert!(s.stop().success());
+}
+
+#[test]
+fn verify_peer_requires_a_client_certificate_signed_by_the_ca() {
+    need("qemu-io", "qemu-utils");
+    need("nbdinfo", "libnbd-bin");
+    let dir = tmpdir("tls-peer");
+    let creds = make_creds(&dir);
+    let s = Server::start_in(&dir, &[
+        "--volume-size", "16M", "--tls-creds", creds.server.to_str().unwrap(), "--tls-verify-peer",
+    ]);
+    // With a certificate from the CA: served (QEMU and libnbd both send client-cert.pem from their directory).
+    let o = qemu_io_tls(&s, &creds.client_cert, &["write -P 0x42 0 64k", "read -P 0x42 0 64k"]);
+    assert!(o.status.success() && !text(&o).contains("Pattern verification failed"), "{}", text(&o));
+    run_ok(Command::new("nbdinfo").arg("--size").arg(tls_uri(&s, "disk0", &creds.client_cert)));
+    // Without one, or with one from another CA: refused during the TLS handshake.
+    for (certs, what) in [(&creds.client, "no client certificate"), (&creds.rogue_cert, "a certificate from another CA")] {
+        let o = qemu_io_tls(&s, certs, &["read 0 4k"]);
+        assert!(!o.status.success(), "qemu-io with {what} must fail: {}", text(&o));
+        let o = Command::new("nbdinfo").arg("--size").arg(tls_uri(&s, "disk0", certs)).output().unwrap();
+        assert!(!o.status.success(), "nbdinfo with {what} must fail: {}", text(&o));
+    }
+    // The server said why, and still serves good clients.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut log = server_log(&s);
+    while !log.contains("handshake failed") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        log = server_log(&s);
+    }
+    assert!(log.contains("handshake failed") && log.to_lowercase().contains("certificate"), "server log:\n{log}");
+    let o = qemu_io_tls(&s, &creds.client_cert, &["read -P 0x42 0 64k"]);
+    assert!(o.status.success(), "{}", text(&o));
     assert!(s.stop().success());
 }

@@ -97,6 +97,9 @@ pub struct ServeArgs {
     /// `optional` (TLS offered, plaintext still served).
     #[arg(long = "tls-mode", value_enum, default_value_t = nbd::tls::TlsMode::Required, requires = "tls_creds")]
     pub tls_mode: nbd::tls::TlsMode,
+    /// With --tls-creds: require client certificates signed by DIR/ca-cert.pem (QEMU's verify-peer=on).
+    #[arg(long = "tls-verify-peer", requires = "tls_creds")]
+    pub tls_verify_peer: bool,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -205,7 +208,7 @@ pub fn run(args: ServeArgs, _g: &GlobalOpts) -> Result<ExitCode, AppError> {
         max_connections: args.max_connections.clamp(1, 4096),
         idle_wait_ms: if args.busy_poll { 0 } else { 2 },
         tls: match &args.tls_creds {
-            Some(dir) => Some(Arc::new(nbd::tls::load_creds(dir, args.tls_mode)?)),
+            Some(dir) => Some(Arc::new(nbd::tls::load_creds(dir, args.tls_mode, args.tls_verify_peer)?)),
             None => None,
         },
     };

@@ -102,6 +102,9 @@ pub fn start(cfg: &NbdConfig, arena: &Arc<Arena>, reactors: &Reactors, registry:
         }
         None => None,
     };
+    if let Some(t) = &cfg.tls {
+        tracing::info!(dir = %t.dir.display(), mode = ?t.mode, verify_peer = t.verify_peer, "nbd: TLS on (STARTTLS)");
+    }
     let zero = Arc::new(arena.carve(u64::from(CHUNK_BYTES), 4096, "nbd zero chunk")?);
     zero.zero(0, u64::from(CHUNK_BYTES));
     let free = Arc::new(ArrayQueue::new(cfg.max_connections.max(1)));

@@ -6,7 +6,9 @@
 //! (and as `qemu-nbd --tls-creds` uses): `server-cert.pem` (the certificate chain, leaf first), `server-key.pem`
 //! (PKCS#8, PKCS#1 or SEC1 key) and `ca-cert.pem` (the CA clients verify us with; the server only checks that it
 //! parses, so a directory that clients cannot use is refused at start).
-//! Client certificates are not requested (QEMU's `verify-peer=off`).
+//! With `--tls-verify-peer` (QEMU's `verify-peer=on`) clients must present a certificate signed by `ca-cert.pem`
+//! (libnbd and QEMU send `client-cert.pem`/`client-key.pem` from their credentials directory); without it client
+//! certificates are not requested (QEMU's `verify-peer=off`).
 //!
 //! # The session
 //! [`TlsConn`] is rustls's sans-I/O [`rustls::ServerConnection`] driven with `read_tls`/`process_new_packets`/
@@ -47,17 +49,20 @@ pub struct TlsSetup {
     pub mode: TlsMode,
     /// The credentials directory (for messages).
     pub dir: PathBuf,
+    /// Clients must present a certificate signed by the CA.
+    pub verify_peer: bool,
 }
 
 fn creds_err(path: &Path, reason: impl Into<String>) -> AppError {
     AppError::Config { path: path.display().to_string(), reason: reason.into() }
 }
 
-/// Load `server-cert.pem`, `server-key.pem` and `ca-cert.pem` from `dir` and build the rustls configuration.
+/// Load `server-cert.pem`, `server-key.pem` and `ca-cert.pem` from `dir` and build the rustls configuration;
+/// with `verify_peer`, client certificates signed by `ca-cert.pem` are required.
 ///
 /// # Errors
 /// [`AppError::Config`] naming the file when one is missing, unreadable or not usable by rustls.
-pub fn load_creds(dir: &Path, mode: TlsMode) -> Result<TlsSetup, AppError> {
+pub fn load_creds(dir: &Path, mode: TlsMode, verify_peer: bool) -> Result<TlsSetup, AppError> {
     let cert_path = dir.join("server-cert.pem");
     let key_path = dir.join("server-key.pem");
     let ca_path = dir.join("ca-cert.pem");
@@ -78,14 +83,26 @@ pub fn load_creds(dir: &Path, mode: TlsMode) -> Result<TlsSetup, AppError> {
         return Err(creds_err(&ca_path, "no CERTIFICATE block in the file"));
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+    let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
-        .map_err(|e| creds_err(dir, format!("TLS protocol versions: {e}")))?
-        .with_no_client_auth()
+        .map_err(|e| creds_err(dir, format!("TLS protocol versions: {e}")))?;
+    let builder = if verify_peer {
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in cas {
+            roots.add(ca).map_err(|e| creds_err(&ca_path, format!("CA certificate not usable as a trust anchor: {e}")))?;
+        }
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .map_err(|e| creds_err(&ca_path, format!("client certificate verifier: {e}")))?;
+        builder.with_client_cert_verifier(verifier)
+    } else {
+        builder.with_no_client_auth()
+    };
+    let mut config = builder
         .with_single_cert(chain, key)
         .map_err(|e| creds_err(&cert_path, format!("certificate and key do not form a usable pair: {e}")))?;
     config.alpn_protocols.clear();
-    Ok(TlsSetup { config: Arc::new(config), mode, dir: dir.to_path_buf() })
+    Ok(TlsSetup { config: Arc::new(config), mode, dir: dir.to_path_buf(), verify_peer })
 }
 
 /// The socket as `Read`/`Write` for rustls (non-blocking: `EAGAIN` comes back as `WouldBlock`).
@@ -191,8 +208,11 @@ impl TlsConn {
     }
 
     fn fail(&mut self, fd: i32, what: &str, e: &dyn std::fmt::Display) -> TlsIo {
-        let phase = if self.conn.is_handshaking() { "handshake" } else { "session" };
-        tracing::warn!(conn = self.index, phase, error = %e, "nbd: TLS {what} failed; closing this connection");
+        if self.conn.is_handshaking() {
+            tracing::warn!(conn = self.index, step = what, error = %e, "nbd: TLS handshake failed; closing this connection");
+        } else {
+            tracing::warn!(conn = self.index, error = %e, "nbd: TLS {what} failed; closing this connection");
+        }
         // Send the alert rustls queued, if the socket takes it.
         let _ = self.flush(fd);
         TlsIo::Err
