@@ -132,6 +132,39 @@ fn check_options(m: &Map<String, Value>, method: &str) -> Result<(Option<u16>, O
     Ok((queues, get_u64(m, "max_bdevs", method)?))
 }
 
+/// Open the transport `trtype` names: a new simulator, or the PCI function over VFIO. Returns the normalised
+/// transport address with it.
+fn open_transport(
+    app: &Appliance,
+    method: &str,
+    name: &str,
+    trtype: &str,
+    m: &Map<String, Value>,
+) -> Result<(String, Arc<dyn Transport>), RpcError> {
+    let fail = |e: &dyn std::error::Error| RpcError::new(code::NO_DEVICE, format!("{method}: {name}: {}", err_chain(e)));
+    if trtype == "sim" {
+        let traddr = super::methods::get_str(m, "traddr", method)?.unwrap_or(name).to_string();
+        if let Some(c) = app.registry.controllers().iter().find(|c| c.trtype == "sim" && c.traddr == traddr) {
+            return Err(RpcError::new(code::EXISTS, format!("{method}: sim {traddr:?} is already attached as {:?}", c.name)));
+        }
+        let cfg = nvstack_driver::nvme::sim::SimConfig { name: format!("sim:{traddr}"), ..sim_config() };
+        let sim = SimController::start(Arc::clone(&app.arena), cfg).map_err(|e| fail(&e))?;
+        Ok((traddr, sim))
+    } else {
+        let text = need_str(m, "traddr", method)?;
+        let bdf: nvstack_driver::vfio::sysfs::PciAddress = text
+            .parse()
+            .map_err(|e: nvstack_driver::DriverError| RpcError::params(format!("{method}: traddr {text:?}: {e}")))?;
+        let traddr = bdf.to_string();
+        if let Some(c) = app.registry.controllers().iter().find(|c| c.trtype == "PCIe" && c.traddr == traddr) {
+            return Err(RpcError::new(code::EXISTS, format!("{method}: {traddr} is already attached as {:?}", c.name)));
+        }
+        let sysfs = nvstack_driver::vfio::sysfs::Sysfs::from_env();
+        let t = nvstack_driver::vfio::VfioTransport::open(&sysfs, bdf, &app.arena).map_err(|e| fail(&e))?;
+        Ok((traddr, Arc::new(t)))
+    }
+}
+
 /// `bdev_nvme_attach_controller`.
 pub fn attach(app: &Appliance, method: &str, m: Map<String, Value>) -> Result<Value, RpcError> {
     check_keys(&m, method, ATTACH_KEYS)?;
@@ -153,27 +186,7 @@ pub fn attach(app: &Appliance, method: &str, m: Map<String, Value>) -> Result<Va
         opts.io_queues = q;
     }
     let fail = |e: &dyn std::error::Error| RpcError::new(code::NO_DEVICE, format!("{method}: {name}: {}", err_chain(e)));
-    let (traddr, transport): (String, Arc<dyn Transport>) = if trtype == "sim" {
-        let traddr = super::methods::get_str(&m, "traddr", method)?.unwrap_or(&name).to_string();
-        if let Some(c) = app.registry.controllers().iter().find(|c| c.trtype == "sim" && c.traddr == traddr) {
-            return Err(RpcError::new(code::EXISTS, format!("{method}: sim {traddr:?} is already attached as {:?}", c.name)));
-        }
-        let cfg = nvstack_driver::nvme::sim::SimConfig { name: format!("sim:{traddr}"), ..sim_config() };
-        let sim = SimController::start(Arc::clone(&app.arena), cfg).map_err(|e| fail(&e))?;
-        (traddr, sim)
-    } else {
-        let text = need_str(&m, "traddr", method)?;
-        let bdf: nvstack_driver::vfio::sysfs::PciAddress = text
-            .parse()
-            .map_err(|e: nvstack_driver::DriverError| RpcError::params(format!("{method}: traddr {text:?}: {e}")))?;
-        let traddr = bdf.to_string();
-        if let Some(c) = app.registry.controllers().iter().find(|c| c.trtype == "PCIe" && c.traddr == traddr) {
-            return Err(RpcError::new(code::EXISTS, format!("{method}: {traddr} is already attached as {:?}", c.name)));
-        }
-        let sysfs = nvstack_driver::vfio::sysfs::Sysfs::from_env();
-        let t = nvstack_driver::vfio::VfioTransport::open(&sysfs, bdf, &app.arena).map_err(|e| fail(&e))?;
-        (traddr, Arc::new(t))
-    };
+    let (traddr, transport) = open_transport(app, method, &name, trtype, &m)?;
     let ctrl = Controller::attach(transport, opts).map_err(|e| fail(&e))?;
     let mut bdevs: Vec<(Arc<dyn BlockDev>, u32)> = Vec::new();
     for ns in ctrl.namespaces() {
