@@ -142,6 +142,21 @@ fn qemu_io_and_nbdcopy_round_trip_over_tls() {
     let o = qemu_io_tls(&s, &creds.client, &["read -P 0x5a 0 1M", "read -P 0xa5 1M 64k", "read -P 0x11 4095k 1k", "read -P 0 2M 64k"]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(!text(&o).contains("Pattern verification failed") && !text(&o).contains("error"), "{}", text(&o));
+    // TLS over the Unix socket too (the certificate is checked against tls-hostname there).
+    let o = Command::new("qemu-io")
+        .arg("--object")
+        .arg(format!("tls-creds-x509,id=tls0,endpoint=client,dir={}", creds.client.display()))
+        .args(["-c", "read -P 0xa5 1M 64k", "--image-opts"])
+        .arg(format!("driver=nbd,path={},export=disk0,tls-creds=tls0,tls-hostname=localhost", s.nbd_sock.display()))
+        .output()
+        .unwrap();
+    assert!(o.status.success() && !text(&o).contains("Pattern verification failed"), "{}", text(&o));
+    let unix_tls = format!(
+        "nbds+unix:///disk0?socket={}&tls-certificates={}&tls-hostname=localhost",
+        s.nbd_sock.display(),
+        creds.client.display()
+    );
+    assert_eq!(run_ok(Command::new("nbdinfo").arg("--size").arg(&unix_tls)).trim(), (64u64 << 20).to_string());
     // libnbd sees a TLS connection with structured replies.
     let out = run_ok(Command::new("nbdinfo").arg("--json").arg(tls_uri(&s, "disk0", &creds.client)));
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
