@@ -181,9 +181,10 @@ pub fn register_bdev(path: &PoisonPath, registry: &Arc<Registry>, b: &BdevEntry)
     if let Some(dev) = &b.extra.pmem {
         path.translator.add(Mapping { device: name.to_string(), vaddr: Some(dev.base_addr()), len: dev.len(), device_offset: 0, phys: dev.phys_range() });
     }
-    if b.method == "nvstack_cache_create" {
-        // The cache's Rmap plugin (owners of its pages) and its ActionTarget (drop, mark IOERR) register here, under
-        // this bdev's name so that unregister_bdev removes them with it.
+    if let Some(_cache) = &b.extra.cache {
+        // The cache's Rmap plugin (owners of its pages: answering for this bdev's name, and for "arena" offsets via
+        // CacheBdev::device_range_of) and its ActionTarget (drop, mark IOERR) register here, under this bdev's
+        // name so that unregister_bdev removes them with it. Not written yet.
         tracing::debug!(bdev = name, "poison: cache bdev has no reverse map of its pages yet");
     }
 }
@@ -387,8 +388,8 @@ mod tests {
         let reg = Registry::new();
         let path = PoisonPath::new(Journal::new(8, None).unwrap());
         let p = ServePoison { path, known: Mutex::new(BTreeMap::new()), allow_inject: false, listener: Mutex::new(None), log: PathBuf::new() };
-        reg.add_bdev(malloc("A"), "bdev_malloc_create", Value::Null).unwrap();
-        reg.add_bdev(malloc("B"), "bdev_malloc_create", Value::Null).unwrap();
+        reg.add_bdev_with(malloc("A"), "bdev_malloc_create", Value::Null, Default::default()).unwrap();
+        reg.add_bdev_with(malloc("B"), "bdev_malloc_create", Value::Null, Default::default()).unwrap();
         reg.add_export("ea", "A", "", false).unwrap();
         p.sync(&reg);
         let r = p.path.registry.resolve("A", 4096, 4096);
@@ -418,7 +419,7 @@ mod tests {
         let reg = Registry::new();
         let path = PoisonPath::new(Journal::new(8, None).unwrap());
         let p = ServePoison { path, known: Mutex::new(BTreeMap::new()), allow_inject: false, listener: Mutex::new(None), log: PathBuf::new() };
-        let a = reg.add_bdev(malloc("A"), "bdev_malloc_create", Value::Null).unwrap();
+        let a = reg.add_bdev_with(malloc("A"), "bdev_malloc_create", Value::Null, Default::default()).unwrap();
         reg.add_export("ea", "A", "", false).unwrap();
         p.sync(&reg);
         let media = nvstack_blockdev::IoError::Media { offset_blocks: 8, num_blocks: 2 };

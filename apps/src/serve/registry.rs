@@ -156,6 +156,8 @@ pub struct BdevExtra {
     pub pmem: Option<Arc<PmemDevice>>,
     /// The NVMe controller (by its `bdev_nvme_attach_controller` name) and namespace ID of an NVMe bdev.
     pub nvme: Option<(String, u32)>,
+    /// The cache of an `nvstack_cache_create` bdev (for its poison-path plugin: page owners, actions).
+    pub cache: Option<Arc<nvstack_cache::CacheBdev>>,
 }
 
 /// An NVMe controller attached with `bdev_nvme_attach_controller`: it owns the bdevs of its namespaces.
@@ -271,14 +273,6 @@ impl Registry {
         self.stopping.store(true, Ordering::Release);
     }
 
-    /// Add a bdev.
-    ///
-    /// # Errors
-    /// [`RegistryError::Exists`] if the name is taken.
-    pub fn add_bdev(&self, bdev: Arc<dyn BlockDev>, method: &str, params: Value) -> Result<Arc<BdevEntry>, RegistryError> {
-        self.add_bdev_with(bdev, method, params, BdevExtra::default())
-    }
-
     /// Add a bdev with what else is known about it.
     ///
     /// # Errors
@@ -336,7 +330,7 @@ impl Registry {
         }
         ctrl.bdevs = bdevs.iter().map(|(b, _)| b.name().to_string()).collect();
         for (bdev, nsid) in bdevs {
-            let extra = BdevExtra { pmem: None, nvme: Some((ctrl.name.clone(), nsid)) };
+            let extra = BdevExtra { nvme: Some((ctrl.name.clone(), nsid)), ..BdevExtra::default() };
             let e = self.entry(bdev, method, Value::Null, extra);
             bg.push(e);
         }

@@ -279,7 +279,8 @@ fn cache_create(app: &Appliance, method: &str, m: Map<String, Value>) -> Result<
         .map_err(|e| RpcError::params(format!("{method}: {e}")))?;
     let name = cache.name().to_string();
     let params = json!({"base_bdev_name": base_name, "cache_mb": cache_mb, "write_through": write_through});
-    app.registry.add_bdev(cache, method, params).map_err(reg_err)?;
+    let extra = BdevExtra { cache: Some(Arc::clone(&cache)), ..BdevExtra::default() };
+    app.registry.add_bdev_with(cache, method, params, extra).map_err(reg_err)?;
     if let Ok(mut c) = base.claimed_by.write() {
         *c = Some(name.clone());
     }
