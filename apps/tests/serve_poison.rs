@@ -166,3 +166,39 @@ fn sigbus_on_a_pmem_bdev_reaches_the_listener() {
     assert_eq!(events(&s, json!({})).len(), 1);
     assert!(s.stop().success());
 }
+
+#[test]
+fn nvme_media_error_through_nbd_becomes_an_event() {
+    let s = Server::start("poison-nvme", &["--volume", "malloc:1M"]);
+    assert_eq!(s.rpc("bdev_nvme_attach_controller", json!({"name": "Nvme0", "trtype": "sim"}))["result"], json!(["Nvme0n1", "Nvme0n2"]));
+    assert_eq!(s.rpc("nvstack_export_create", json!({"name": "nv", "bdev_name": "Nvme0n1"}))["result"], true);
+    // Block 3 of namespace 1 (4 KiB blocks) fails reads with Unrecovered Read Error.
+    let v = s.rpc("nvstack_nvme_sim_inject_error", json!({"name": "Nvme0", "nsid": 1, "slba": 3}));
+    assert_eq!(v["result"], true, "{v}");
+    let (c, _) = err(&s.rpc("nvstack_nvme_sim_inject_error", json!({"name": "Nvme0", "slba": 4096})));
+    assert_eq!(c, -32602, "beyond the namespace");
+    let (c, _) = err(&s.rpc("nvstack_nvme_sim_inject_error", json!({"name": "Nvme7", "slba": 0})));
+    assert_eq!(c, -19);
+    // An NBD read of blocks 2..4 fails with EIO; the request's range reaches the listener as a media error.
+    let mut cl = RawClient::connect(&s.nbd_sock, "nv", false);
+    cl.send(0, 0, 1, 8192, 8192, &[]);
+    assert_eq!(cl.reply().0, 5, "EIO");
+    cl.send(0, 0, 2, 0, 4096, &[]);
+    let (e, _, _) = cl.reply();
+    assert_eq!(e, 0, "other blocks still read");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let ev = loop {
+        if let Some(ev) = events(&s, json!({})).into_iter().find(|e| e["source"] == "nvme_media_error") {
+            break ev;
+        }
+        assert!(std::time::Instant::now() < deadline, "no media-error event within 5 s");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!((ev["device"].as_str(), ev["offset"].as_u64(), ev["len"].as_u64()), (Some("Nvme0n1"), Some(8192), Some(8192)), "{ev}");
+    assert_eq!(ev["exports"], json!(["nv"]));
+    assert_eq!(ev["action"]["action"], "no_owner_known");
+    drop(cl);
+    let log = std::fs::read_to_string(s.dir.join("poison.log")).unwrap();
+    assert!(log.contains("nvme_media_error"), "{log}");
+    assert!(s.stop().success());
+}

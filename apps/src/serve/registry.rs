@@ -122,19 +122,14 @@ pub struct BdevEntry {
     /// What else the appliance knows about the device (pmem mapping, NVMe controller).
     pub extra: BdevExtra,
     /// Where media errors go (the poison path), once serve has started it.
-    #[allow(dead_code)] // Read by report_io_error, which the NBD completion path does not call yet (see there).
     media_sink: Arc<OnceLock<Arc<PoisonPath>>>,
 }
 
 impl BdevEntry {
     /// Hand a media error seen on the I/O path to the poison listener (a bounded lock-free queue: never blocks; a
     /// full queue is counted there). Other errors, pmem bdevs (their poison arrives as SIGBUS) and a serve without
-    /// the listener are ignored. Returns whether the error was queued.
-    ///
-    /// Not wired yet: `nbd::conn::Conn::complete` should call it for a failed request
-    /// (`if let Some(x) = &self.export { x.bdev.report_io_error(&e); }`); until then NVMe media errors reach the
-    /// journal only through this call in tests.
-    #[allow(dead_code)]
+    /// the listener are ignored. Returns whether the error was queued. The NBD completion path calls it for every
+    /// failed request.
     pub fn report_io_error(&self, e: &IoError) -> bool {
         let IoError::Media { offset_blocks, num_blocks } = *e else { return false };
         if self.extra.pmem.is_some() {
@@ -172,6 +167,8 @@ pub struct NvmeCtrlrEntry {
     pub params: Value,
     /// The attached controller. Dropping the last reference shuts it down (CC.SHN).
     pub ctrlr: Arc<Controller>,
+    /// The simulator behind a `sim` controller (to inject faults: `nvstack_nvme_sim_inject_error`).
+    pub sim: Option<Arc<nvstack_driver::nvme::sim::SimController>>,
     /// Names of its bdevs, in NSID order.
     pub bdevs: Vec<String>,
 }

@@ -59,6 +59,7 @@ pub const METHODS: &[&str] = &[
     "bdev_nvme_attach_controller",
     "bdev_nvme_detach_controller",
     "bdev_nvme_get_controllers",
+    "nvstack_nvme_sim_inject_error",
     "nvstack_get_poison_events",
     "nvstack_poison_explain",
     "nvstack_poison_inject",
@@ -417,6 +418,7 @@ fn dispatch(app: &Appliance, method: &str, params: Option<Value>) -> Result<Valu
         "bdev_nvme_attach_controller" => nvme::attach(app, method, m),
         "bdev_nvme_detach_controller" => nvme::detach(app, method, m),
         "bdev_nvme_get_controllers" => nvme::get_controllers(app, method, m),
+        "nvstack_nvme_sim_inject_error" => nvme::sim_inject_error(app, method, m),
         "nvstack_get_poison_events" | "nvstack_poison_explain" | "nvstack_poison_inject" => {
             crate::serve::poison::rpc(app.poison.as_deref(), &app.registry, method, m)
         }

@@ -22,6 +22,9 @@
 //! and drops the controller, which sends the shutdown notification (CC.SHN) when the last reference goes. An NBD
 //! reactor that once served one of its bdevs keeps its channel until `serve` stops, so then the shutdown happens
 //! at exit (logged).
+//!
+//! `nvstack_nvme_sim_inject_error` (nvstack's test aid, `sim` controllers only) makes reads (or writes) of a block
+//! range fail with a media error, so the media-error path (NBD → poison listener) can be tested without hardware.
 
 use std::sync::Arc;
 
@@ -132,6 +135,15 @@ fn check_options(m: &Map<String, Value>, method: &str) -> Result<(Option<u16>, O
     Ok((queues, get_u64(m, "max_bdevs", method)?))
 }
 
+/// An opened transport.
+struct Opened {
+    /// The normalised transport address.
+    traddr: String,
+    transport: Arc<dyn Transport>,
+    /// The simulator, for `sim`.
+    sim: Option<Arc<SimController>>,
+}
+
 /// Open the transport `trtype` names: a new simulator, or the PCI function over VFIO. Returns the normalised
 /// transport address with it.
 fn open_transport(
@@ -140,7 +152,7 @@ fn open_transport(
     name: &str,
     trtype: &str,
     m: &Map<String, Value>,
-) -> Result<(String, Arc<dyn Transport>), RpcError> {
+) -> Result<Opened, RpcError> {
     let fail = |e: &dyn std::error::Error| RpcError::new(code::NO_DEVICE, format!("{method}: {name}: {}", err_chain(e)));
     if trtype == "sim" {
         let traddr = super::methods::get_str(m, "traddr", method)?.unwrap_or(name).to_string();
@@ -149,7 +161,7 @@ fn open_transport(
         }
         let cfg = nvstack_driver::nvme::sim::SimConfig { name: format!("sim:{traddr}"), ..sim_config() };
         let sim = SimController::start(Arc::clone(&app.arena), cfg).map_err(|e| fail(&e))?;
-        Ok((traddr, sim))
+        Ok(Opened { traddr, transport: Arc::clone(&sim) as Arc<dyn Transport>, sim: Some(sim) })
     } else {
         let text = need_str(m, "traddr", method)?;
         let bdf: nvstack_driver::vfio::sysfs::PciAddress = text
@@ -161,7 +173,7 @@ fn open_transport(
         }
         let sysfs = nvstack_driver::vfio::sysfs::Sysfs::from_env();
         let t = nvstack_driver::vfio::VfioTransport::open(&sysfs, bdf, &app.arena).map_err(|e| fail(&e))?;
-        Ok((traddr, Arc::new(t)))
+        Ok(Opened { traddr, transport: Arc::new(t), sim: None })
     }
 }
 
@@ -186,7 +198,7 @@ pub fn attach(app: &Appliance, method: &str, m: Map<String, Value>) -> Result<Va
         opts.io_queues = q;
     }
     let fail = |e: &dyn std::error::Error| RpcError::new(code::NO_DEVICE, format!("{method}: {name}: {}", err_chain(e)));
-    let (traddr, transport) = open_transport(app, method, &name, trtype, &m)?;
+    let Opened { traddr, transport, sim } = open_transport(app, method, &name, trtype, &m)?;
     let ctrl = Controller::attach(transport, opts).map_err(|e| fail(&e))?;
     let mut bdevs: Vec<(Arc<dyn BlockDev>, u32)> = Vec::new();
     for ns in ctrl.namespaces() {
@@ -213,7 +225,7 @@ pub fn attach(app: &Appliance, method: &str, m: Map<String, Value>) -> Result<Va
     if let Some(q) = queues {
         params["num_io_queues"] = json!(q);
     }
-    let entry = NvmeCtrlrEntry { name: name.clone(), trtype: trtype.to_string(), traddr, params, ctrlr: Arc::clone(&ctrl), bdevs: Vec::new() };
+    let entry = NvmeCtrlrEntry { name: name.clone(), trtype: trtype.to_string(), traddr, params, ctrlr: Arc::clone(&ctrl), sim, bdevs: Vec::new() };
     drop(ctrl);
     let entry = app.registry.add_controller(entry, ATTACH, bdevs).map_err(reg_err)?;
     tracing::info!(ctrlr = %name, bdevs = ?entry.bdevs, "NVMe controller attached");
@@ -253,6 +265,47 @@ pub fn detach(app: &Appliance, method: &str, m: Map<String, Value>) -> Result<Va
                 "NVMe controller detached; an NBD reactor still holds a channel, so the shutdown happens when serve stops"
             );
         }
+    }
+    Ok(Value::Bool(true))
+}
+
+/// `nvstack_nvme_sim_inject_error {name, nsid, slba, nlb, ops, count}`: a test aid for `sim` controllers only.
+/// Commands touching blocks `slba..slba+nlb` (default 1) of namespace `nsid` (default 1) complete with Unrecovered
+/// Read Error (media errors, SCT 2h SC 81h); `ops` is `read` (default), `write` or `any`; `count` limits how many
+/// commands fail (default: until the controller is detached).
+pub fn sim_inject_error(app: &Appliance, method: &str, m: Map<String, Value>) -> Result<Value, RpcError> {
+    use nvstack_driver::nvme::sim::{Fault, SimOpFilter};
+    use nvstack_driver::nvme::status::{media, sct};
+    check_keys(&m, method, &["name", "nsid", "slba", "nlb", "ops", "count"])?;
+    let name = need_str(&m, "name", method)?;
+    let Some(c) = app.registry.controller(name) else {
+        return Err(RpcError::new(code::NO_DEVICE, format!("{method}: no NVMe controller named {name:?}")));
+    };
+    let Some(sim) = &c.sim else {
+        return Err(RpcError::params(format!("{method}: {name:?} is a {} controller; faults can be injected only into trtype \"sim\"", c.trtype)));
+    };
+    let nsid = u32::try_from(get_u64(&m, "nsid", method)?.unwrap_or(1)).map_err(|_| RpcError::params(format!("{method}: nsid too large")))?;
+    let Some(ns) = c.ctrlr.namespace(nsid) else {
+        return Err(RpcError::new(code::NO_DEVICE, format!("{method}: {name:?} has no namespace {nsid}")));
+    };
+    let slba = super::methods::need_u64(&m, "slba", method)?;
+    let nlb = get_u64(&m, "nlb", method)?.unwrap_or(1);
+    if nlb == 0 || slba.checked_add(nlb).is_none_or(|e| e > ns.block_count) {
+        return Err(RpcError::params(format!("{method}: blocks {slba}+{nlb} are not inside namespace {nsid} ({} blocks)", ns.block_count)));
+    }
+    let ops = match super::methods::get_str(&m, "ops", method)?.unwrap_or("read") {
+        "read" => SimOpFilter::Read,
+        "write" => SimOpFilter::Write,
+        "any" => SimOpFilter::Any,
+        other => return Err(RpcError::params(format!("{method}: ops {other:?} must be \"read\", \"write\" or \"any\""))),
+    };
+    let count = match get_u64(&m, "count", method)? {
+        None => None,
+        Some(n) => Some(u32::try_from(n).map_err(|_| RpcError::params(format!("{method}: count too large")))?),
+    };
+    let status = nvstack_driver::nvme::NvmeStatus::new(sct::MEDIA, media::UNRECOVERED_READ_ERROR);
+    if !sim.inject(Fault::LbaError { nsid, slba, nlb, ops, status, count }) {
+        return Err(RpcError::new(code::BUSY, format!("{method}: the simulator's fault queue is full")));
     }
     Ok(Value::Bool(true))
 }
