@@ -17,7 +17,8 @@ use std::sync::Arc;
 
 use nvstack_blockdev::spec::{open_bdev, parse_size};
 use nvstack_blockdev::BlockDev;
-use nvstack_cache::{CacheBdev, CacheConfig, CacheStats};
+use nvstack_blockdev::reactor::Reactors;
+use nvstack_cache::{CacheBdev, CacheConfig, CacheCounters};
 use nvstack_driver::dma::Arena;
 
 use crate::error::AppError;
@@ -87,24 +88,29 @@ pub fn extra_arena_bytes(spec: &str) -> Result<u64, AppError> {
 /// [`AppError::Cache`] when the cache cannot be built over it.
 #[allow(dead_code, reason = "the entry point for serve's specs; perf uses open_with_stats for the counters")]
 pub fn open_any(spec: &str, arena: &Arc<Arena>) -> Result<Arc<dyn BlockDev>, AppError> {
-    Ok(open_with_stats(spec, arena)?.0)
+    Ok(open_with_stats(spec, arena, None)?.0)
 }
 
 /// An open device and, when it is a cache, its counters.
-pub type OpenedBdev = (Arc<dyn BlockDev>, Option<Arc<CacheStats>>);
+pub type OpenedBdev = (Arc<dyn BlockDev>, Option<CacheCounters>);
 
-/// [`open_any`], also giving the cache's counters when the spec is a cache.
+/// [`open_any`], also giving the cache's counters when the spec is a cache. With `reactors` of more than one
+/// reactor the cache is striped over all of them (one shard per reactor, built on it); otherwise it is the
+/// single-reactor cache, whose one channel owns everything.
 ///
 /// # Errors
 /// As [`open_any`].
-pub fn open_with_stats(spec: &str, arena: &Arc<Arena>) -> Result<OpenedBdev, AppError> {
+pub fn open_with_stats(spec: &str, arena: &Arc<Arena>, reactors: Option<&Reactors>) -> Result<OpenedBdev, AppError> {
     let Some(c) = parse_cache(spec)? else {
         return Ok((open_bdev(spec, arena)?, None));
     };
     let backing = open_bdev(&c.backing, arena)?;
     let cfg = CacheConfig { cache_bytes: c.cache_bytes, write_back: c.write_back, ..CacheConfig::default() };
-    let cache = CacheBdev::new(backing, Arc::clone(arena), cfg)?;
-    let stats = Arc::clone(cache.stats());
+    let cache = match reactors {
+        Some(r) if r.count() > 1 => CacheBdev::new_striped(backing, Arc::clone(arena), cfg, r)?,
+        _ => CacheBdev::new(backing, Arc::clone(arena), cfg)?,
+    };
+    let stats = cache.counters();
     Ok((cache, Some(stats)))
 }
 

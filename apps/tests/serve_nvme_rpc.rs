@@ -30,7 +30,7 @@ fn wait_for_log(s: &Server, needle: &str) -> bool {
 
 #[test]
 fn attach_detach_errors_and_save_config() {
-    let s = Server::start("nvme-rpc", &["--volume", "malloc:8M", "-v"]);
+    let s = Server::start("nvme-rpc", &["--volume", "malloc:8M", "--no-cache", "-v"]);
     // Attach through the `nvstack rpc` client, as rpc.py would.
     let out = run_ok(Command::new(BIN).args(["rpc", "-s"]).arg(&s.rpc_sock).args([
         "bdev_nvme_attach_controller",

@@ -19,7 +19,7 @@ fn events(s: &Server, params: Value) -> Vec<Value> {
 
 #[test]
 fn events_name_the_owning_export_and_are_journaled() {
-    let s = Server::start("poison", &["--volume", "malloc:8M,name=Vol0", "--poison-test-rpc"]);
+    let s = Server::start("poison", &["--volume", "malloc:8M,name=Vol0", "--poison-test-rpc", "--no-cache"]);
     assert!(events(&s, json!({})).is_empty());
 
     // Explain: the chain, nothing journaled, nothing done.
@@ -108,7 +108,7 @@ fn events_name_the_owning_export_and_are_journaled() {
     assert!(s.stop().success());
 
     // A restarted appliance appends to the same journal and continues its numbering.
-    let s = Server::start_in(&dir, &["--volume", "malloc:8M,name=Vol0", "--poison-test-rpc"]);
+    let s = Server::start_in(&dir, &["--volume", "malloc:8M,name=Vol0", "--poison-test-rpc", "--no-cache"]);
     assert!(events(&s, json!({})).is_empty(), "the RPC shows this run's events; the log file keeps all");
     let v = s.rpc("nvstack_poison_inject", json!({"device": "Vol0", "offset": 0}));
     assert_eq!(v["result"]["id"].as_u64(), Some(first_id + 3), "{v}");

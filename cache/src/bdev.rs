@@ -13,7 +13,8 @@
 //!   unlock. Completes in `submit` unless it had to wait for the lock.
 //! - **Write, FUA or write-through**: lock, copy into pages (clean), write the caller's buffer to the backing (FUA
 //!   when asked and supported, else write then flush), unlock. On failure the bytes become DIRTY again.
-//! - **Direct I/O**: lock; a write drops the cached bytes of its range, a read first writes back the dirty bytes
+//! - **Direct I/O** (and DEALLOCATE / WRITE ZEROES, which go to the backing device the same way): lock; a write
+//!   drops the cached bytes of its range, a read first writes back the dirty bytes
 //!   of its range from the pages; then one backing I/O on the caller's segments (no copy); unlock.
 //! - **Flush**: write back every dirty cluster (waiting for locked ones), wait for every writeback started before
 //!   the scan ended, then flush the backing device.
@@ -33,6 +34,7 @@ use nvstack_blockdev::{BdevError, BlockDev, Features, Geometry, IoChannel, IoDes
 use nvstack_driver::dma::Arena;
 
 use crate::pages::{Pages, PAGE_BYTES};
+use crate::striped::{CacheCounters, Shared};
 use crate::tree::lock::LockOutcome;
 use crate::{Bits, CacheError, StateTree, Tag, Test, TreeConfig};
 
@@ -49,6 +51,9 @@ pub struct CacheConfig {
     pub writeback_interval: Duration,
     /// Start writeback when dirty bytes exceed this percentage of the cache.
     pub dirty_high_pct: u8,
+    /// Bytes per stripe when the cache is spread over several reactors ([`CacheBdev::new_striped`]): a power of
+    /// two of at least 4 KiB. Stripe `k` belongs to reactor `k % reactors`.
+    pub stripe_bytes: u64,
 }
 
 impl Default for CacheConfig {
@@ -59,6 +64,7 @@ impl Default for CacheConfig {
             max_ranges: 0,
             writeback_interval: Duration::from_millis(500),
             dirty_high_pct: 50,
+            stripe_bytes: crate::striped::DEFAULT_STRIPE_BYTES,
         }
     }
 }
@@ -83,6 +89,21 @@ pub struct CacheStats {
 }
 
 impl CacheStats {
+    /// Add `other`'s counts into `self` (summing shards).
+    pub(crate) fn add(&self, other: &CacheStats) {
+        for (a, b) in [
+            (&self.hits, &other.hits),
+            (&self.misses, &other.misses),
+            (&self.dirty_bytes, &other.dirty_bytes),
+            (&self.writeback_ios, &other.writeback_ios),
+            (&self.writeback_bytes, &other.writeback_bytes),
+            (&self.evictions, &other.evictions),
+            (&self.fill_ios, &other.fill_ios),
+        ] {
+            a.fetch_add(b.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+    }
+
     /// Average writeback I/O size in bytes (0 before the first).
     pub fn writeback_avg_bytes(&self) -> u64 {
         let n = self.writeback_ios.load(Ordering::Relaxed);
@@ -99,7 +120,7 @@ pub struct CacheBdev {
     geo: Geometry,
     feat: Features,
     opened: AtomicBool,
-    stats: Arc<CacheStats>,
+    shared: Arc<Shared>,
 }
 
 impl std::fmt::Debug for CacheBdev {
@@ -109,12 +130,23 @@ impl std::fmt::Debug for CacheBdev {
 }
 
 impl CacheBdev {
-    /// A cache named `cache:<backing>` over `backing`, with pages from `arena`.
+    /// A single-reactor cache named `cache:<backing>` over `backing`, with pages from `arena`: one channel (the
+    /// first opened) owns all of it. For several reactors use [`CacheBdev::new_striped`].
     ///
     /// # Errors
     /// [`CacheError::Config`] for a cache smaller than one page or a backing block size above 4 KiB or not dividing
     /// it.
     pub fn new(backing: Arc<dyn BlockDev>, arena: Arc<Arena>, cfg: CacheConfig) -> Result<Arc<CacheBdev>, CacheError> {
+        Self::build(backing, arena, cfg, 1, false)
+    }
+
+    pub(crate) fn build(
+        backing: Arc<dyn BlockDev>,
+        arena: Arc<Arena>,
+        cfg: CacheConfig,
+        shards: u32,
+        striped: bool,
+    ) -> Result<Arc<CacheBdev>, CacheError> {
         let bgeo = backing.geometry();
         if cfg.cache_bytes < PAGE_BYTES {
             return Err(CacheError::Config { what: "cache size", reason: "must hold at least one 4 KiB page" });
@@ -128,12 +160,26 @@ impl CacheBdev {
         let geo = Geometry {
             max_transfer_bytes: u32::try_from(max_transfer).unwrap_or(u32::MAX),
             optimal_boundary_bytes: 0,
+            // Requests are copied into pages (or split into per-stripe pieces that carry the caller's segments), so
+            // the cache takes a bounded number of segments whatever the backing takes.
+            max_segments: bgeo.max_segments.clamp(1, crate::striped::MAX_USER_SEGS),
             ..bgeo
         };
+        let stripes = crate::stripe::StripeMap::new(cfg.stripe_bytes, shards)?;
+        // Across reactors a request is at most two pieces: no larger than one stripe.
+        let geo = if shards > 1 {
+            Geometry { max_transfer_bytes: geo.max_transfer_bytes.min(u32::try_from(cfg.stripe_bytes).unwrap_or(u32::MAX)), ..geo }
+        } else {
+            geo
+        };
+        if cfg.cache_bytes / u64::from(shards) < PAGE_BYTES {
+            return Err(CacheError::Config { what: "cache size", reason: "must hold at least one 4 KiB page per reactor" });
+        }
+        let bfeat = backing.features();
         let feat = Features {
             flush: true,
-            write_zeroes: false,
-            deallocate: false,
+            write_zeroes: bfeat.write_zeroes,
+            deallocate: bfeat.deallocate,
             fua: true,
             volatile_write_cache: cfg.write_back,
         };
@@ -145,13 +191,36 @@ impl CacheBdev {
             geo,
             feat,
             opened: AtomicBool::new(false),
-            stats: Arc::new(CacheStats::default()),
+            shared: Shared::new(shards, stripes, striped),
         }))
     }
 
-    /// The counters.
-    pub fn stats(&self) -> &Arc<CacheStats> {
-        &self.stats
+    /// A snapshot of the counters, summed over the reactors' shards.
+    pub fn stats(&self) -> CacheStats {
+        self.shared.snapshot()
+    }
+
+    /// A handle to the counters that outlives borrows of the cache (for reports).
+    pub fn counters(&self) -> CacheCounters {
+        CacheCounters(Arc::clone(&self.shared))
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// What a shard's engine needs to be built.
+    pub(crate) fn engine_spec(&self, shard: u32) -> EngineSpec {
+        let shards = u64::from(self.shared.shard_count());
+        EngineSpec {
+            backing: Arc::clone(&self.backing),
+            arena: Arc::clone(&self.arena),
+            cfg: CacheConfig { cache_bytes: self.cfg.cache_bytes / shards, ..self.cfg },
+            geo: self.geo,
+            feat: self.feat,
+            shared: Arc::clone(&self.shared),
+            shard,
+        }
     }
 
     /// Open the (single) channel with its concrete type, for reverse queries and counters.
@@ -160,14 +229,25 @@ impl CacheBdev {
     /// [`CacheError::Config`] when a channel is already open (stripes over several reactors are not built yet);
     /// [`CacheError::Arena`] / [`CacheError::BackingChannel`] when resources cannot be had.
     pub fn open_cache_channel(&self, opts: ChannelOpts) -> Result<Box<CacheChannel>, CacheError> {
+        if self.shared.is_striped() {
+            return Err(CacheError::Config {
+                what: "cache channels",
+                reason: "a striped cache's shards belong to its reactors: open a channel with open_channel",
+            });
+        }
         if self.opened.swap(true, Ordering::AcqRel) {
             return Err(CacheError::Config {
                 what: "cache channels",
-                reason: "only one channel (one reactor) per cache for now: stripes across reactors are not built yet",
+                reason: "a single-reactor cache takes one channel: build it with CacheBdev::new_striped for several",
             });
         }
-        match CacheChannel::new(self, opts) {
-            Ok(c) => Ok(c),
+        match CacheChannel::new(self.engine_spec(0), opts.reactor_index, opts.queue_depth) {
+            Ok(c) => {
+                if let Some(r) = c.arena_range() {
+                    self.shared.set_arena_range(0, r);
+                }
+                Ok(c)
+            }
             Err(e) => {
                 self.opened.store(false, Ordering::Release);
                 Err(e)
@@ -189,7 +269,27 @@ impl BlockDev for CacheBdev {
     fn features(&self) -> Features {
         self.feat
     }
+    fn block_status(&self, offset_bytes: u64, len_bytes: u64) -> Option<(u64, bool)> {
+        let (run, allocated) = self.backing.block_status(offset_bytes, len_bytes)?;
+        if allocated {
+            return Some((run, true));
+        }
+        // A hole of the backing device reads as zeroes through the cache only when the cache holds nothing newer.
+        // The shards' trees belong to their reactors (this may run on one of them), so the answer rests on the
+        // dirty-byte counters: with any dirty data, the range is reported as data (always a correct answer).
+        if self.shared.snapshot().dirty_bytes.load(Ordering::Acquire) == 0 {
+            Some((run, false))
+        } else {
+            None
+        }
+    }
     fn open_channel(&self, opts: ChannelOpts) -> Result<Box<dyn IoChannel>, BdevError> {
+        if self.shared.is_striped() {
+            return match crate::striped::StripedChannel::open(self, opts) {
+                Ok(c) => Ok(c),
+                Err(e) => Err(BdevError::Channel { name: self.name.clone(), reason: e.to_string() }),
+            };
+        }
         match self.open_cache_channel(opts) {
             Ok(c) => Ok(c),
             Err(e) => Err(BdevError::Channel { name: self.name.clone(), reason: e.to_string() }),
@@ -269,7 +369,12 @@ pub struct CacheChannel {
     pages: Pages,
     arena: Arc<Arena>,
     write_back: bool,
+    /// First-dirtier id for requests (single-reactor mode: the reactor index + 1).
     client: u16,
+    /// Striped mode: the first-dirtier id travels in each piece's `ctx` (bits 48..64).
+    client_in_ctx: bool,
+    shared: Arc<Shared>,
+    shard: u32,
     epoch: Instant,
     depth: u32,
     reqs: Vec<Req>,
@@ -302,6 +407,21 @@ pub struct CacheChannel {
 // and the descriptors travel with the channel.
 unsafe impl Send for CacheChannel {}
 
+/// What the poison action found and did on one cache page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoisonedPage {
+    /// First device byte the page caches.
+    pub start: u64,
+    /// One past the last.
+    pub end: u64,
+    /// Dirty bytes lost (0: the page was clean; it will be refetched).
+    pub dirty_bytes: u64,
+    /// Who first dirtied the lost bytes, and when.
+    pub first_dirtier: Option<Tag>,
+    /// Whether the slot was taken out of service.
+    pub slot_retired: bool,
+}
+
 /// One cached piece of a device range, for the poison path's reverse query.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CachedPiece {
@@ -317,8 +437,21 @@ pub struct CachedPiece {
     pub arena_offset: Option<u64>,
 }
 
+/// What a shard's engine is built from.
+pub(crate) struct EngineSpec {
+    pub(crate) backing: Arc<dyn BlockDev>,
+    pub(crate) arena: Arc<Arena>,
+    /// With this shard's share of the cache size.
+    pub(crate) cfg: CacheConfig,
+    pub(crate) geo: Geometry,
+    pub(crate) feat: Features,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) shard: u32,
+}
+
 impl CacheChannel {
-    fn new(dev: &CacheBdev, opts: ChannelOpts) -> Result<Box<CacheChannel>, CacheError> {
+    pub(crate) fn new(dev: EngineSpec, reactor_index: usize, queue_depth: u32) -> Result<Box<CacheChannel>, CacheError> {
+        let opts = ChannelOpts { reactor_index, queue_depth };
         let depth = opts.queue_depth.clamp(1, 4096);
         let npages = u32::try_from(dev.cfg.cache_bytes / PAGE_BYTES).unwrap_or(u32::MAX);
         let pages = Pages::new(&dev.arena, npages)?;
@@ -359,6 +492,9 @@ impl CacheChannel {
             arena: Arc::clone(&dev.arena),
             write_back: dev.cfg.write_back,
             client: u16::try_from(opts.reactor_index + 1).unwrap_or(u16::MAX),
+            client_in_ctx: dev.shared.is_striped(),
+            shared: Arc::clone(&dev.shared),
+            shard: dev.shard,
             epoch: Instant::now(),
             depth,
             reqs,
@@ -380,18 +516,23 @@ impl CacheChannel {
             last_periodic: Instant::now(),
             interval: dev.cfg.writeback_interval,
             dirty_high_bytes: u64::from(npages) * PAGE_BYTES * u64::from(dev.cfg.dirty_high_pct.min(100)) / 100,
-            stats: Arc::clone(&dev.stats),
+            stats: Arc::clone(dev.shared.shard_stats(dev.shard)),
         }))
     }
 
-    fn tag(&self) -> Tag {
+    /// The first-dirtier tag for request `r`: who (the client id) and when.
+    fn tag(&self, r: u32) -> Tag {
         // Milliseconds since the channel opened (u32: 49 days, then it saturates).
         let ms = self.epoch.elapsed().as_millis();
-        Tag { client: self.client, time: u32::try_from(ms).unwrap_or(u32::MAX) }
+        let client = match (self.client_in_ctx, self.reqs[r as usize].io.as_ref()) {
+            (true, Some(io)) => (io.ctx >> 48) as u16,
+            _ => self.client,
+        };
+        Tag { client, time: u32::try_from(ms).unwrap_or(u32::MAX) }
     }
 
     fn publish_dirty(&self) {
-        self.stats.dirty_bytes.store(self.tree.total(Bits::DIRTY), Ordering::Relaxed);
+        self.stats.dirty_bytes.store(self.tree.total(Bits::DIRTY), Ordering::Release);
     }
 
     // ----- completion -----
@@ -677,7 +818,7 @@ impl CacheChannel {
         if let Some(er) = err {
             if op == IoOp::Write && !flags.contains(IoFlags::DIRECT) {
                 // The pages hold the new data but the device may not: keep it dirty so writeback retries.
-                let tag = self.tag();
+                let tag = self.tag(r);
                 let _ = self.tree.set(s, e, Bits::DIRTY, tag);
                 self.publish_dirty();
             }
@@ -760,7 +901,9 @@ impl CacheChannel {
         match op {
             IoOp::Read => self.read_locked(r, s, e),
             IoOp::Write => self.write_locked(r, s, e, flags),
-            _ => self.fail_locked(r, IoError::Unsupported { op }),
+            // Like a direct write: drop what the cache holds of the range, then the backing device does it.
+            IoOp::Deallocate | IoOp::WriteZeroes => self.direct_begin(r, op),
+            IoOp::Flush => self.fail_locked(r, IoError::Unsupported { op }),
         }
     }
 
@@ -830,7 +973,7 @@ impl CacheChannel {
         let res = if through {
             self.tree.convert(s, e, Bits::UPTODATE, Bits::DIRTY | Bits::IOERR, Tag::NONE)
         } else {
-            let tag = self.tag();
+            let tag = self.tag(r);
             self.tree.convert(s, e, Bits::UPTODATE | Bits::DIRTY, Bits::IOERR, tag)
         };
         if let Err(er) = res {
@@ -846,7 +989,7 @@ impl CacheChannel {
         self.reqs[r as usize].phase = Phase::Main;
         if let Err(er) = self.start_job(JobKind::User, r, IoOp::Write, s, e, bflags, false) {
             // Keep the data: it is in the pages; make it dirty so writeback takes it, and report the failure.
-            let tag = self.tag();
+            let tag = self.tag(r);
             let _ = self.tree.set(s, e, Bits::DIRTY, tag);
             self.publish_dirty();
             self.fail_locked(r, er);
@@ -855,7 +998,7 @@ impl CacheChannel {
 
     fn direct_begin(&mut self, r: u32, op: IoOp) {
         let (s, e) = req_range(&self.reqs[r as usize]);
-        if op == IoOp::Write {
+        if op != IoOp::Read {
             if let Err(er) = self.tree.clear(s, e, Bits::UPTODATE | Bits::DIRTY | Bits::IOERR) {
                 tracing::error!(error = %er, "cache: direct write: state tree full");
                 return self.retry_later(r);
@@ -995,12 +1138,18 @@ impl CacheChannel {
                 continue;
             };
             let Some((a, b)) = self.tree.cluster_at(x.start, Bits::DIRTY, self.wb_max_bytes) else { return };
-            match self.start_writeback(a, b) {
-                Ok(true) => started += 1,
+            let next = match self.start_writeback(a, b) {
+                Ok(true) => {
+                    started += 1;
+                    b
+                }
                 Ok(false) if self.free_jobs.is_empty() => return,
-                _ => {}
-            }
-            self.wb_cursor = b;
+                // Locked (a writeback of it is in flight...): go past the whole extent found.
+                _ => b.max(x.end),
+            };
+            // Always move forward: a dirty run longer than the max transfer makes `cluster_at` walk back to a cluster
+            // that ends at (or before) where the search started.
+            self.wb_cursor = next.max(x.start.saturating_add(1));
         }
     }
 
@@ -1054,6 +1203,57 @@ impl CacheChannel {
         Some((p * PAGE_BYTES, (p + 1) * PAGE_BYTES))
     }
 
+    /// Whether device page `p` has a cache slot.
+    pub fn holds_page(&self, p: u64) -> bool {
+        self.pages.lookup(p).is_some()
+    }
+
+    /// The arena byte range of this engine's pages.
+    pub fn arena_range(&self) -> Option<(u64, u64)> {
+        self.pages.arena_range(&self.arena)
+    }
+
+    /// Poison action for memory under cached data: the page caching device page `dev_page` is poisoned. Its slot
+    /// is retired for good (never reused). When the page held no dirty byte, its bytes simply stop being cached
+    /// (the next read refetches them from the backing device). When it held dirty bytes, those are lost: they
+    /// become IOERR (reads fail until a full overwrite) and are no longer dirty. Returns what was found.
+    ///
+    /// # Errors
+    /// [`CacheError::TreeFull`] when the tree cannot record it (nothing changed then).
+    pub fn poison_page(&mut self, dev_page: u64) -> Result<PoisonedPage, CacheError> {
+        let (s, e) = (dev_page * PAGE_BYTES, (dev_page + 1) * PAGE_BYTES);
+        let mut first_dirty: Option<crate::Extent> = None;
+        self.tree.for_each(s, e, |x| {
+            if x.state.bits.contains(Bits::DIRTY) {
+                first_dirty = Some(x);
+                return false;
+            }
+            true
+        });
+        let dirty_bytes = self.tree.count(s, e, Bits::DIRTY);
+        let locked = self.tree.test(s, e, Bits::LOCKED | Bits::WRITEBACK, Test::Any);
+        if first_dirty.is_some() {
+            self.tree.convert(s, e, Bits::IOERR, Bits::DIRTY | Bits::UPTODATE, Tag::NONE)?;
+        } else {
+            self.tree.clear(s, e, Bits::UPTODATE)?;
+        }
+        self.publish_dirty();
+        let slot = if locked {
+            // An I/O is using the page: leave the slot for now (the bytes are no longer UPTODATE, so no read will
+            // be served from it); it is retired when the poison path runs again or simply reused after refill.
+            None
+        } else {
+            self.pages.retire_page(dev_page)
+        };
+        Ok(PoisonedPage {
+            start: s,
+            end: e,
+            dirty_bytes,
+            first_dirtier: first_dirty.map(|x| x.state.tag),
+            slot_retired: slot.is_some(),
+        })
+    }
+
     /// Mark `[start, end)` POISONED (the poison path): reads of it fail until it is written again... or forever for
     /// dirty data that was lost.
     ///
@@ -1093,6 +1293,11 @@ impl IoChannel for CacheChannel {
     }
 
     fn poll(&mut self, out: &mut Vec<Box<IoDesc>>) -> usize {
+        // Control-path requests (the poison path's queries and actions) run here, on the owning reactor.
+        if self.shared.has_controls(self.shard) {
+            let shared = Arc::clone(&self.shared);
+            shared.run_controls(self.shard, self);
+        }
         self.reaped.clear();
         self.backing.poll(&mut self.reaped);
         while let Some(mut d) = self.reaped.pop() {
@@ -1166,3 +1371,4 @@ impl Drop for CacheChannel {
         }
     }
 }
+

@@ -52,6 +52,14 @@ pub enum CacheError {
         #[source]
         source: Box<nvstack_driver::DriverError>,
     },
+    /// A control-path call (the poison path's queries and actions) to a shard failed.
+    #[error("cache shard {shard}: {reason}")]
+    Control {
+        /// The shard (reactor index; u32::MAX when not one shard).
+        shard: u32,
+        /// What went wrong.
+        reason: &'static str,
+    },
     /// Opening the backing device's channel failed.
     #[error("cache over {backing}: opening the backing channel failed")]
     BackingChannel {

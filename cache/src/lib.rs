@@ -44,9 +44,12 @@
 pub mod bdev;
 pub mod error;
 pub mod pages;
+pub mod reverse;
 pub mod stripe;
+pub mod striped;
 pub mod tree;
 
-pub use bdev::{CacheBdev, CacheChannel, CacheConfig, CacheStats};
+pub use bdev::{CacheBdev, CacheChannel, CacheConfig, CacheStats, CachedPiece, PoisonedPage};
+pub use striped::{CacheCounters, StripedChannel};
 pub use error::CacheError;
 pub use tree::{Bits, Extent, State, StateTree, Tag, Test, TreeConfig};

@@ -17,6 +17,8 @@ use crate::CacheError;
 /// Bytes per cache page.
 pub const PAGE_BYTES: u64 = 4096;
 const EMPTY: u64 = u64::MAX;
+/// A slot taken out of service (its memory was poisoned): never handed out again.
+const RETIRED: u64 = u64::MAX - 1;
 
 /// The page store of one cache channel.
 #[derive(Debug)]
@@ -152,6 +154,9 @@ impl Pages {
             for _ in 0..2 * n {
                 let h = self.hand;
                 self.hand = (self.hand + 1) % n;
+                if self.dev_page[h] == RETIRED {
+                    continue;
+                }
                 if self.referenced[h] {
                     self.referenced[h] = false;
                     continue;
@@ -170,6 +175,27 @@ impl Pages {
         self.referenced[slot as usize] = true;
         self.index_insert(p, slot);
         Some((slot, evicted))
+    }
+
+    /// Take the slot holding device page `p` out of service for good (its memory is poisoned): the page is
+    /// forgotten and the slot is never handed out again. Returns the slot, if `p` was cached.
+    pub fn retire_page(&mut self, p: u64) -> Option<u32> {
+        let s = self.lookup(p)?;
+        self.index_remove(p);
+        self.dev_page[s as usize] = RETIRED;
+        self.referenced[s as usize] = false;
+        Some(s)
+    }
+
+    /// Slots taken out of service.
+    pub fn retired_count(&self) -> u32 {
+        self.dev_page.iter().filter(|&&p| p == RETIRED).count() as u32
+    }
+
+    /// The arena byte range of all slots.
+    pub fn arena_range(&self, arena: &Arena) -> Option<(u64, u64)> {
+        let base = arena.offset_of(self.region.as_ptr() as usize)?;
+        Some((base, base.checked_add(self.region.len())?))
     }
 
     /// Forget device page `p` (its data is no longer wanted).
@@ -193,7 +219,7 @@ impl Pages {
 
     /// The device page cached by slot `s`.
     pub fn dev_page_of(&self, s: u32) -> Option<u64> {
-        self.dev_page.get(s as usize).copied().filter(|&p| p != EMPTY)
+        self.dev_page.get(s as usize).copied().filter(|&p| p != EMPTY && p != RETIRED)
     }
 
     /// The slot holding arena byte `arena_offset`, if it is one of these pages: `(slot, offset in page)`.

@@ -249,6 +249,19 @@ pub enum RmapError {
         /// What is wrong.
         reason: String,
     },
+    /// The cache's reverse map could not ask a cache about an arena page.
+    #[error("cache reverse map: {step} of arena page {arena_offset:#x} in {cache} failed")]
+    CacheQuery {
+        /// The cache bdev.
+        cache: String,
+        /// The arena page.
+        arena_offset: u64,
+        /// What was asked.
+        step: &'static str,
+        /// The cache's error.
+        #[source]
+        source: nvstack_cache::CacheError,
+    },
     /// Reading /proc/self/pagemap (physical address translation) failed.
     #[error("translating physical address {phys:#x}: reading /proc/self/pagemap failed")]
     Pagemap {

@@ -1,6 +1,7 @@
 //! nvstack's poison path: "ask the owner on demand" through pluggable reverse maps.
 
 pub mod action;
+pub mod cache;
 pub mod error;
 pub mod journal;
 pub mod listener;

@@ -69,8 +69,14 @@ pub fn run(args: PerfArgs, _g: &GlobalOpts) -> Result<ExitCode, AppError> {
         .checked_add(extra)
         .ok_or_else(|| AppError::Usage(format!("{}: arena size overflows", cfg.bdev)))?;
     let arena = Arena::new(ArenaConfig { size_bytes, require_hugepages: false, try_1g: false })?;
-    let (bdev, cache) = open_bdev(&cfg.bdev, &arena)?;
-    let rep = execute(&cfg, &bdev, &arena, true)?;
+    // The device opens once the reactors run: a cache spreads its shards over them.
+    let mut cache = None;
+    let rep = execute_with(&cfg, &arena, true, |reactors| {
+        let (bdev, counters) = open_bdev(&cfg.bdev, &arena, reactors)?;
+        cache = counters;
+        Ok(bdev)
+    })?;
+    let cache = cache.map(|c| c.snapshot());
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     match (cfg.json, &cache) {
@@ -98,8 +104,8 @@ pub fn run(args: PerfArgs, _g: &GlobalOpts) -> Result<ExitCode, AppError> {
 }
 
 /// The one place perf turns a spec into a device: the kinds of `open_bdev` and `cache:<backing>` (with its counters).
-fn open_bdev(spec: &str, arena: &Arc<Arena>) -> Result<crate::bdev_spec::OpenedBdev, AppError> {
-    crate::bdev_spec::open_with_stats(spec, arena)
+fn open_bdev(spec: &str, arena: &Arc<Arena>, reactors: &Reactors) -> Result<crate::bdev_spec::OpenedBdev, AppError> {
+    crate::bdev_spec::open_with_stats(spec, arena, Some(reactors))
 }
 
 /// The cache counters as a JSON object.
@@ -193,15 +199,27 @@ fn splitmix(mut z: u64) -> u64 {
 }
 
 /// Run the jobs on their reactors and build the report. `pin` pins the reactors (tests on a busy machine do not).
+#[cfg(test)]
 pub(crate) fn execute(cfg: &PerfConfig, bdev: &Arc<dyn BlockDev>, arena: &Arc<Arena>, pin: bool) -> Result<Report, AppError> {
-    let geo = bdev.geometry();
-    cfg.check_device(bdev.name(), &geo)?;
-    let scale = TickScale::calibrated();
-    let params = plan(cfg, &geo, scale);
+    execute_with(cfg, arena, pin, |_| Ok(Arc::clone(bdev)))
+}
+
+/// Start the reactors, open the device with `open` (given the reactors), run the jobs, build the report.
+pub(crate) fn execute_with(
+    cfg: &PerfConfig,
+    arena: &Arc<Arena>,
+    pin: bool,
+    open: impl FnOnce(&Reactors) -> Result<Arc<dyn BlockDev>, AppError>,
+) -> Result<Report, AppError> {
     let mut rc = ReactorConfig::new(cfg.cores.clone());
     rc.pin = pin;
     rc.idle_backoff_rounds = Some(IDLE_BACKOFF_ROUNDS);
     let reactors = Reactors::start(rc)?;
+    let bdev = &open(&reactors)?;
+    let geo = bdev.geometry();
+    cfg.check_device(bdev.name(), &geo)?;
+    let scale = TickScale::calibrated();
+    let params = plan(cfg, &geo, scale);
     let ctl = Arc::new(RunControl::default());
     let shared: Vec<Arc<JobShared>> = params.iter().map(|_| Arc::new(JobShared::default())).collect();
     for (p, sh) in params.into_iter().zip(&shared) {

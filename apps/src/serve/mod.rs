@@ -60,9 +60,11 @@ pub struct ServeArgs {
     /// Size of the default volume.
     #[arg(long = "volume-size", default_value = "1G")]
     pub volume_size: String,
-    /// Put the cache bdev (nvstack-cache) in front of the default volume. Off by default for now: with the cache,
-    /// fio verify over several connections and a 256 MiB qemu-img convert stall (see the serve report).
-    #[arg(long = "cache")]
+    /// Serve the default volume without the cache bdev in front of it (the cache is on by default).
+    #[arg(long = "no-cache")]
+    pub no_cache: bool,
+    /// Accepted for compatibility: the cache is on by default.
+    #[arg(long = "cache", hide = true)]
     pub cache: bool,
     /// Cache size in MiB for the default volume's cache bdev.
     #[arg(long = "cache-mb", default_value_t = 64)]
@@ -132,7 +134,7 @@ fn flush_all(registry: &Registry) -> Result<(), AppError> {
     let mut failed = Vec::new();
     for b in registry.bdevs().iter().rev() {
         if b.reactor_flushed.load(Ordering::Acquire) {
-            continue; // Flushed through its reactor channel (a cache allows only one channel).
+            continue; // Flushed through its reactor channel.
         }
         let mut ch = b.bdev.open_channel(ChannelOpts { reactor_index: 0, queue_depth: 4 })?;
         let mut io = IoDesc::new(1);
@@ -169,7 +171,7 @@ fn default_volume(args: &ServeArgs, app: &Appliance) -> Result<(), AppError> {
     let r = rpc::call(app, "nvstack_bdev_create", Some(json!({"spec": spec})))
         .map_err(|e| AppError::Usage(format!("default volume {spec:?}: {}", e.message)))?;
     let mut bdev = r.as_str().unwrap_or("file0").to_string();
-    if args.cache {
+    if !args.no_cache {
         let r = rpc::call(app, "nvstack_cache_create", Some(json!({"base_bdev_name": bdev, "cache_mb": args.cache_mb})))
             .map_err(|e| AppError::Usage(format!("cache over the default volume: {}", e.message)))?;
         bdev = r.as_str().unwrap_or_default().to_string();
@@ -214,7 +216,7 @@ pub fn run(args: ServeArgs, _g: &GlobalOpts) -> Result<ExitCode, AppError> {
     };
     let rpc_path = args.rpc_socket.clone().unwrap_or_else(|| args.data_dir.join("nvstack.sock"));
     install_signals()?;
-    let cache_bytes = if args.config.is_none() && args.cache { args.cache_mb.saturating_mul(1 << 20) } else { 0 };
+    let cache_bytes = if args.config.is_none() && !args.no_cache { args.cache_mb.saturating_mul(1 << 20) } else { 0 };
     let arena_bytes = nbd_cfg.arena_bytes() + args.arena_mb.saturating_mul(1 << 20) + cache_bytes + cache_bytes / 8;
     let arena = Arena::new(ArenaConfig { size_bytes: arena_bytes, require_hugepages: false, try_1g: false })?;
     let mut rcfg = ReactorConfig::new(cores);

@@ -40,6 +40,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use nvstack_rmap::action::ActionTarget;
+use nvstack_rmap::cache::CacheMaps;
 use nvstack_rmap::journal::{Journal, PoisonEvent, Source, DEFAULT_JOURNAL_EVENTS};
 use nvstack_rmap::listener::{action_name, Listener, PoisonPath, RawReport};
 use nvstack_rmap::owner::{Owner, OwnerPiece, Rmap};
@@ -76,6 +77,8 @@ pub struct PoisonOptions {
 /// The poison path of the appliance and its listener thread.
 pub struct ServePoison {
     path: Arc<PoisonPath>,
+    /// The caches' reverse map and action target for arena memory.
+    caches: Arc<CacheMaps>,
     /// Bdevs whose maps are registered: name → registry id (a bdev deleted and made again gets new maps).
     known: Mutex<BTreeMap<String, u64>>,
     allow_inject: bool,
@@ -103,6 +106,9 @@ impl ServePoison {
             path.translator.add(Mapping { device: "arena".into(), vaddr: Some(r.host_addr), len: r.len, device_offset, phys: None });
         }
         path.add_target(Arc::new(ApplianceTarget { registry: Arc::downgrade(registry) }));
+        let caches = CacheMaps::new("arena");
+        path.registry.register(Arc::clone(&caches) as Arc<dyn Rmap>);
+        path.add_target(Arc::clone(&caches) as Arc<dyn ActionTarget>);
         registry.set_media_sink(Arc::clone(&path));
         if let Some(t) = &opts.tracefs {
             if let Err(e) = path.enable_tracefs(t) {
@@ -111,6 +117,7 @@ impl ServePoison {
         }
         let me = Arc::new(ServePoison {
             path,
+            caches,
             known: Mutex::new(BTreeMap::new()),
             allow_inject: opts.allow_inject,
             listener: Mutex::new(None),
@@ -133,12 +140,12 @@ impl ServePoison {
             .map(|(name, _)| name.clone())
             .collect();
         for name in gone {
-            unregister_bdev(&self.path, &name);
+            unregister_bdev(&self.path, &self.caches, &name);
             known.remove(&name);
         }
         for b in bdevs {
             if !known.contains_key(b.bdev.name()) {
-                register_bdev(&self.path, registry, &b);
+                register_bdev(&self.path, &self.caches, registry, &b);
                 known.insert(b.bdev.name().to_string(), b.id);
             }
         }
@@ -173,23 +180,22 @@ impl ServePoison {
 /// for each new one after an RPC made it; [`ServePoison::sync`] unregisters everything registered under the bdev's
 /// name when it goes.
 ///
-/// This is where a stacked bdev registers its own reverse map and action target. Not done yet: the cache
-/// (`nvstack_cache_create`) has no plugin here, so events under a cache end "no owner known".
-pub fn register_bdev(path: &PoisonPath, registry: &Arc<Registry>, b: &BdevEntry) {
+/// A cache (`nvstack_cache_create`) joins the arena's cache map: poison on arena memory holding one of its pages
+/// resolves to that page (clean or dirty, first dirtier), the device bytes it caches and the exports above them, and
+/// the cache drops (clean) or marks IOERR (dirty) the page and retires its slot.
+pub fn register_bdev(path: &PoisonPath, caches: &CacheMaps, registry: &Arc<Registry>, b: &BdevEntry) {
     let name = b.bdev.name();
     path.registry.register(Arc::new(ApplianceMap { device: name.to_string(), registry: Arc::downgrade(registry) }));
     if let Some(dev) = &b.extra.pmem {
         path.translator.add(Mapping { device: name.to_string(), vaddr: Some(dev.base_addr()), len: dev.len(), device_offset: 0, phys: dev.phys_range() });
     }
-    if let Some(_cache) = &b.extra.cache {
-        // The cache's Rmap plugin (owners of its pages: answering for this bdev's name, and for "arena" offsets via
-        // CacheBdev::device_range_of) and its ActionTarget (drop, mark IOERR) register here, under this bdev's
-        // name so that unregister_bdev removes them with it. Not written yet.
-        tracing::debug!(bdev = name, "poison: cache bdev has no reverse map of its pages yet");
+    if let Some(cache) = &b.extra.cache {
+        caches.add(name, cache);
     }
 }
 
-fn unregister_bdev(path: &PoisonPath, name: &str) {
+fn unregister_bdev(path: &PoisonPath, caches: &CacheMaps, name: &str) {
+    caches.remove(name);
     path.registry.unregister_device(name);
     path.translator.remove_device(name);
 }
@@ -387,7 +393,7 @@ mod tests {
     fn maps_follow_the_registry() {
         let reg = Registry::new();
         let path = PoisonPath::new(Journal::new(8, None).unwrap());
-        let p = ServePoison { path, known: Mutex::new(BTreeMap::new()), allow_inject: false, listener: Mutex::new(None), log: PathBuf::new() };
+        let p = ServePoison { path, caches: CacheMaps::new("arena"), known: Mutex::new(BTreeMap::new()), allow_inject: false, listener: Mutex::new(None), log: PathBuf::new() };
         reg.add_bdev_with(malloc("A"), "bdev_malloc_create", Value::Null, Default::default()).unwrap();
         reg.add_bdev_with(malloc("B"), "bdev_malloc_create", Value::Null, Default::default()).unwrap();
         reg.add_export("ea", "A", "", false).unwrap();
@@ -418,7 +424,7 @@ mod tests {
     fn media_errors_from_the_io_path_become_events() {
         let reg = Registry::new();
         let path = PoisonPath::new(Journal::new(8, None).unwrap());
-        let p = ServePoison { path, known: Mutex::new(BTreeMap::new()), allow_inject: false, listener: Mutex::new(None), log: PathBuf::new() };
+        let p = ServePoison { path, caches: CacheMaps::new("arena"), known: Mutex::new(BTreeMap::new()), allow_inject: false, listener: Mutex::new(None), log: PathBuf::new() };
         let a = reg.add_bdev_with(malloc("A"), "bdev_malloc_create", Value::Null, Default::default()).unwrap();
         reg.add_export("ea", "A", "", false).unwrap();
         p.sync(&reg);

@@ -276,7 +276,7 @@ fn cache_create(app: &Appliance, method: &str, m: Map<String, Value>) -> Result<
         write_back: !write_through,
         ..Default::default()
     };
-    let cache = nvstack_cache::CacheBdev::new(Arc::clone(&base.bdev), Arc::clone(&app.arena), cfg)
+    let cache = nvstack_cache::CacheBdev::new_striped(Arc::clone(&base.bdev), Arc::clone(&app.arena), cfg, &app.reactors)
         .map_err(|e| RpcError::params(format!("{method}: {e}")))?;
     let name = cache.name().to_string();
     let params = json!({"base_bdev_name": base_name, "cache_mb": cache_mb, "write_through": write_through});

@@ -1,0 +1,747 @@
+//! The cache across reactors: stripes owned by shards, pieces travelling as messages, fan-out flush.
+//!
+//! [`CacheBdev::new_striped`] cuts the device address space into stripes ([`crate::stripe::StripeMap`]) and builds
+//! one shard per reactor, on that reactor: a [`CacheChannel`] (the single-reactor engine: its own state tree, page
+//! index, pages and backing channel) driven by a [`Poller`]. Nothing of a shard is touched by another thread.
+//!
+//! A [`StripedChannel`] (what `open_channel` returns, any number per reactor) owns no cache state. Its `submit`
+//! splits a request at stripe boundaries into pieces. Each piece is a descriptor from the channel's own pool
+//! (allocated at open) that carries raw segments into the caller's buffer (no copy), and travels to its owning
+//! shard's inbox, a bounded lock-free ring. The shard runs it through the engine and pushes the finished descriptor
+//! onto the channel's completion ring; the channel's `poll` counts pieces and completes the caller's request when
+//! the last one is back (first error wins). A full inbox is back-pressure: the piece waits in the channel and is sent
+//! again at the next poll. FLUSH fans out to every shard; each writes back what is dirty and flushes the backing, and
+//! the request completes when all have answered.
+//!
+//! The control path (the poison path's reverse queries and actions) sends closures to a shard's control ring and
+//! waits for the answer with a deadline. A single-reactor cache ([`CacheBdev::new`]) has the same control ring,
+//! drained by its one channel's `poll`.
+//!
+//! Shutdown: when the reactors stop or the cache is dropped, each shard writes back and flushes everything, then
+//! leaves its reactor. A channel opened after that answers FLUSH from the shards' final state.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use crossbeam_queue::ArrayQueue;
+use nvstack_blockdev::bdev::{validate, ChannelOpts, Rejected};
+use nvstack_blockdev::reactor::{Msg, PollOutcome, Poller, ReactorCtx, Reactors};
+use nvstack_blockdev::{BlockDev, Features, Geometry, IoChannel, IoDesc, IoError, IoOp, IoStatus, SubmitError};
+use nvstack_driver::dma::Arena;
+
+use crate::bdev::{CacheBdev, CacheChannel, CacheConfig, CacheStats};
+use crate::stripe::{seg_slices, StripeMap};
+use crate::CacheError;
+
+/// Default stripe: 1 MiB (a writeback cluster never crosses a stripe, so this bounds clustering too).
+pub const DEFAULT_STRIPE_BYTES: u64 = 1 << 20;
+/// Most segments a caller's request may have on a cache (each piece carries a slice of them).
+pub const MAX_USER_SEGS: u32 = 32;
+/// Most channels open at once on one striped cache (a limit in DESIGN.md).
+pub const MAX_CHANNELS: usize = 64;
+/// Entries in each shard's inbox and each channel's completion ring.
+const RING_ENTRIES: usize = 8192;
+/// Entries in each shard's control ring.
+const CONTROL_ENTRIES: usize = 64;
+/// How long a control-path call waits for the owning reactor.
+pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long opening a striped cache waits for each shard to be built on its reactor.
+const BUILD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A control-path call, run on the shard's reactor with its engine.
+pub(crate) type Control = Box<dyn FnOnce(&mut CacheChannel) + Send>;
+
+/// Shard states.
+const SHARD_NONE: u8 = 0;
+const SHARD_RUNNING: u8 = 1;
+/// Finished with everything written back and flushed.
+const SHARD_DONE_CLEAN: u8 = 2;
+/// Finished with dirty data it could not write back, or a failed final flush.
+const SHARD_DONE_DIRTY: u8 = 3;
+
+/// What other threads may see of one shard.
+pub(crate) struct ShardSlot {
+    inbox: ArrayQueue<Box<IoDesc>>,
+    control: ArrayQueue<Control>,
+    stats: Arc<CacheStats>,
+    state: AtomicU8,
+    /// The arena byte range of this shard's pages (for "which shard caches this arena page").
+    arena_range: OnceLock<(u64, u64)>,
+}
+
+/// State shared by a cache's shards and channels.
+pub(crate) struct Shared {
+    shards: Box<[ShardSlot]>,
+    stripes: StripeMap,
+    striped: bool,
+    /// Completion rings of the striped channels, by channel id (made on first use, reused after a close).
+    fronts: Box<[OnceLock<ArrayQueue<Box<IoDesc>>>]>,
+    front_busy: Box<[AtomicBool]>,
+    closing: AtomicBool,
+    /// Serialises control-path callers (one query at a time keeps the control rings from filling).
+    control_lock: Mutex<()>,
+}
+
+impl Shared {
+    pub(crate) fn new(shards: u32, stripes: StripeMap, striped: bool) -> Arc<Shared> {
+        Arc::new(Shared {
+            shards: (0..shards)
+                .map(|_| ShardSlot {
+                    // A single-reactor cache has no inbox traffic: keep its ring small.
+                    inbox: ArrayQueue::new(if striped { RING_ENTRIES } else { 1 }),
+                    control: ArrayQueue::new(CONTROL_ENTRIES),
+                    stats: Arc::new(CacheStats::default()),
+                    state: AtomicU8::new(SHARD_NONE),
+                    arena_range: OnceLock::new(),
+                })
+                .collect(),
+            stripes,
+            striped,
+            fronts: (0..if striped { MAX_CHANNELS } else { 0 }).map(|_| OnceLock::new()).collect(),
+            front_busy: (0..if striped { MAX_CHANNELS } else { 0 }).map(|_| AtomicBool::new(false)).collect(),
+            closing: AtomicBool::new(false),
+            control_lock: Mutex::new(()),
+        })
+    }
+
+    pub(crate) fn is_striped(&self) -> bool {
+        self.striped
+    }
+    pub(crate) fn shard_count(&self) -> u32 {
+        self.shards.len() as u32
+    }
+    pub(crate) fn shard_stats(&self, shard: u32) -> &Arc<CacheStats> {
+        &self.shards[shard as usize].stats
+    }
+    pub(crate) fn stripes(&self) -> StripeMap {
+        self.stripes
+    }
+
+    /// The counters summed over the shards.
+    pub(crate) fn snapshot(&self) -> CacheStats {
+        let sum = CacheStats::default();
+        for s in self.shards.iter() {
+            sum.add(&s.stats);
+        }
+        sum
+    }
+
+    #[inline]
+    pub(crate) fn has_controls(&self, shard: u32) -> bool {
+        self.shards.get(shard as usize).is_some_and(|s| !s.control.is_empty())
+    }
+
+    /// Run the queued control calls of `shard` with its engine (on the shard's reactor).
+    pub(crate) fn run_controls(&self, shard: u32, engine: &mut CacheChannel) {
+        let Some(slot) = self.shards.get(shard as usize) else { return };
+        while let Some(c) = slot.control.pop() {
+            c(engine);
+        }
+    }
+
+    pub(crate) fn set_arena_range(&self, shard: u32, range: (u64, u64)) {
+        if let Some(s) = self.shards.get(shard as usize) {
+            let _ = s.arena_range.set(range);
+        }
+    }
+
+    /// The shard whose pages hold arena byte `arena_offset`.
+    pub(crate) fn shard_of_arena_offset(&self, arena_offset: u64) -> Option<u32> {
+        self.shards.iter().position(|s| s.arena_range.get().is_some_and(|&(a, b)| (a..b).contains(&arena_offset))).map(|i| i as u32)
+    }
+
+    /// Run `f` with shard `shard`'s engine on its reactor and wait (up to [`CONTROL_TIMEOUT`]) for its answer.
+    pub(crate) fn call<R: Send + 'static>(
+        &self,
+        shard: u32,
+        f: impl FnOnce(&mut CacheChannel) -> R + Send + 'static,
+    ) -> Result<R, CacheError> {
+        let slot = self.shards.get(shard as usize).ok_or(CacheError::Control { shard, reason: "no such shard" })?;
+        let st = slot.state.load(Ordering::Acquire);
+        if self.striped && st != SHARD_RUNNING {
+            return Err(CacheError::Control { shard, reason: "the shard is not running (stopped or never started)" });
+        }
+        let _serial = self.control_lock.lock().map_err(|_| CacheError::Control { shard, reason: "control lock poisoned" })?;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<R>(1);
+        let call: Control = Box::new(move |engine| {
+            let _ = tx.send(f(engine));
+        });
+        if slot.control.push(call).is_err() {
+            return Err(CacheError::Control { shard, reason: "control ring full" });
+        }
+        rx.recv_timeout(CONTROL_TIMEOUT)
+            .map_err(|_| CacheError::Control { shard, reason: "the owning reactor did not answer in time (is its channel polled?)" })
+    }
+}
+
+/// A handle to a cache's counters.
+#[derive(Clone)]
+pub struct CacheCounters(pub(crate) Arc<Shared>);
+
+impl std::fmt::Debug for CacheCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CacheCounters").field("shards", &self.0.shards.len()).finish()
+    }
+}
+
+impl CacheCounters {
+    /// The counters now, summed over the shards.
+    pub fn snapshot(&self) -> CacheStats {
+        self.0.snapshot()
+    }
+}
+
+impl CacheBdev {
+    /// A cache spread over every reactor of `reactors`: stripes of `cfg.stripe_bytes`, one shard per reactor
+    /// (each with `cache_bytes / reactors` of pages), built on its reactor. Channels may be opened on any reactor,
+    /// any number of them.
+    ///
+    /// # Errors
+    /// [`CacheError::Config`] for bad sizes; the first shard's build error (arena, backing channel);
+    /// [`CacheError::Control`] when a reactor does not build its shard in time.
+    pub fn new_striped(
+        backing: Arc<dyn BlockDev>,
+        arena: Arc<Arena>,
+        cfg: CacheConfig,
+        reactors: &Reactors,
+    ) -> Result<Arc<CacheBdev>, CacheError> {
+        let n = u32::try_from(reactors.count()).map_err(|_| CacheError::Config { what: "reactor count", reason: "too large" })?;
+        let dev = CacheBdev::build(backing, arena, cfg, n, true)?;
+        let (tx, rx) = std::sync::mpsc::channel::<(u32, Result<(), CacheError>)>();
+        for shard in 0..n {
+            let spec = dev.engine_spec(shard);
+            let tx = tx.clone();
+            let depth = ENGINE_DEPTH;
+            let msg = Msg::Run(Box::new(move |ctx: &mut ReactorCtx| {
+                let shared = Arc::clone(&spec.shared);
+                match CacheChannel::new(spec, ctx.index(), depth) {
+                    Ok(engine) => {
+                        if let Some(r) = engine.arena_range() {
+                            shared.set_arena_range(shard, r);
+                        }
+                        shared.shards[shard as usize].state.store(SHARD_RUNNING, Ordering::Release);
+                        ctx.add_poller(Box::new(ShardPoller::new(shared, shard, engine)));
+                        let _ = tx.send((shard, Ok(())));
+                    }
+                    Err(e) => {
+                        let _ = tx.send((shard, Err(e)));
+                    }
+                }
+            }));
+            reactors
+                .send(shard as usize, msg)
+                .map_err(|_| CacheError::Control { shard, reason: "the reactor's inbox is full" })?;
+        }
+        drop(tx);
+        let deadline = Instant::now() + BUILD_TIMEOUT;
+        for _ in 0..n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok((_, Ok(()))) => {}
+                Ok((shard, Err(e))) => {
+                    dev.shared().closing.store(true, Ordering::Release);
+                    tracing::error!(shard, error = %e, "cache: building a shard failed");
+                    return Err(e);
+                }
+                Err(_) => {
+                    dev.shared().closing.store(true, Ordering::Release);
+                    return Err(CacheError::Control { shard: u32::MAX, reason: "a reactor did not build its shard in time" });
+                }
+            }
+        }
+        tracing::info!(name = dev.name(), shards = n, stripe_bytes = cfg.stripe_bytes, "striped cache ready");
+        Ok(dev)
+    }
+}
+
+impl Drop for CacheBdev {
+    fn drop(&mut self) {
+        // The shards write back, flush and leave their reactors.
+        self.shared().closing.store(true, Ordering::Release);
+    }
+}
+
+/// Requests one shard's engine takes at once.
+const ENGINE_DEPTH: u32 = 1024;
+
+/// Drives one shard's engine on its reactor: takes pieces from the inbox, hands finished ones back to their
+/// channels, runs control calls, and at shutdown writes everything back.
+struct ShardPoller {
+    shared: Arc<Shared>,
+    shard: u32,
+    engine: Box<CacheChannel>,
+    /// A piece the engine refused with Busy: first in line next round.
+    stalled: Option<Box<IoDesc>>,
+    #[allow(clippy::vec_box)] // descriptors are the channels' pooled boxes, moved, never re-boxed
+    out: Vec<Box<IoDesc>>,
+    #[allow(clippy::vec_box)]
+    undelivered: Vec<Box<IoDesc>>,
+    /// Shutdown: the final flush descriptor (None until shutdown, then in the engine, then back).
+    final_flush: Option<Box<IoDesc>>,
+    final_state: FinalFlush,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FinalFlush {
+    NotStarted,
+    InFlight,
+    Done,
+}
+
+/// `ctx` of the shard's own final flush (never a channel's: channel ids are below [`MAX_CHANNELS`]).
+const FINAL_FLUSH_CTX: u64 = u64::MAX;
+
+impl ShardPoller {
+    fn new(shared: Arc<Shared>, shard: u32, engine: Box<CacheChannel>) -> ShardPoller {
+        ShardPoller {
+            shared,
+            shard,
+            engine,
+            stalled: None,
+            out: Vec::with_capacity(ENGINE_DEPTH as usize + 1),
+            undelivered: Vec::with_capacity(64),
+            final_flush: Some(IoDesc::new(1)),
+            final_state: FinalFlush::NotStarted,
+        }
+    }
+
+    fn slot(&self) -> &ShardSlot {
+        &self.shared.shards[self.shard as usize]
+    }
+
+    fn deliver(&mut self, io: Box<IoDesc>) {
+        if io.ctx == FINAL_FLUSH_CTX {
+            let ok = io.status == IoStatus::Success;
+            self.final_flush = Some(io);
+            self.final_state = FinalFlush::Done;
+            let dirty = self.engine.tree().total(crate::Bits::DIRTY);
+            let clean = ok && dirty == 0;
+            if !clean {
+                tracing::error!(shard = self.shard, dirty_bytes = dirty, "cache shard stopping with data not written back");
+            }
+            self.slot().state.store(if clean { SHARD_DONE_CLEAN } else { SHARD_DONE_DIRTY }, Ordering::Release);
+            return;
+        }
+        let front = ((io.ctx >> 32) & 0xffff) as usize;
+        match self.shared.fronts.get(front).and_then(OnceLock::get) {
+            Some(ring) => {
+                if let Err(back) = ring.push(io) {
+                    self.undelivered.push(back);
+                }
+            }
+            None => tracing::error!(front, "cache: a piece names a channel that does not exist; dropped"),
+        }
+    }
+}
+
+impl Poller for ShardPoller {
+    fn poll(&mut self, ctx: &mut ReactorCtx) -> PollOutcome {
+        let mut busy = false;
+        if self.shared.has_controls(self.shard) {
+            let shared = Arc::clone(&self.shared);
+            shared.run_controls(self.shard, &mut self.engine);
+            busy = true;
+        }
+        // Pieces that could not be handed back last round.
+        for _ in 0..self.undelivered.len() {
+            let io = self.undelivered.remove(0);
+            self.deliver(io);
+        }
+        // New pieces, while the engine takes them.
+        let mut next = self.stalled.take();
+        let mut took = false;
+        loop {
+            let io = match next.take() {
+                Some(io) => io,
+                None => match self.shared.shards[self.shard as usize].inbox.pop() {
+                    Some(io) => io,
+                    None => break,
+                },
+            };
+            busy = true;
+            took = true;
+            match self.engine.submit(io) {
+                Ok(()) => {}
+                Err(Rejected { io, why: SubmitError::Busy }) => {
+                    self.stalled = Some(io);
+                    break;
+                }
+                Err(Rejected { mut io, why: SubmitError::Invalid(e) }) => {
+                    io.status = IoStatus::Failed(e);
+                    self.deliver(io);
+                }
+            }
+        }
+        self.out.clear();
+        if self.engine.poll(&mut self.out) > 0 {
+            busy = true;
+        }
+        while let Some(io) = self.out.pop() {
+            self.deliver(io);
+        }
+        if took && self.final_state == FinalFlush::Done {
+            // Work arrived after the final flush (a channel still draining): flush again before leaving.
+            self.final_state = FinalFlush::NotStarted;
+            self.slot().state.store(SHARD_RUNNING, Ordering::Release);
+        }
+        // Shutdown: once nothing is waiting, write back and flush everything, then leave.
+        let leaving = ctx.stopping() || self.shared.closing.load(Ordering::Acquire);
+        if leaving && self.stalled.is_none() && self.slot().inbox.is_empty() {
+            match self.final_state {
+                FinalFlush::NotStarted => {
+                    if let Some(mut f) = self.final_flush.take() {
+                        f.prepare(IoOp::Flush, 0, 0);
+                        f.ctx = FINAL_FLUSH_CTX;
+                        match self.engine.submit(f) {
+                            Ok(()) => self.final_state = FinalFlush::InFlight,
+                            Err(r) => self.final_flush = Some(r.io),
+                        }
+                    }
+                }
+                FinalFlush::InFlight => {}
+                FinalFlush::Done if self.engine.outstanding() == 0 && self.undelivered.is_empty() => {
+                    return PollOutcome::Done;
+                }
+                FinalFlush::Done => {}
+            }
+            return PollOutcome::Busy;
+        }
+        if busy {
+            PollOutcome::Busy
+        } else {
+            PollOutcome::Idle
+        }
+    }
+}
+
+struct Parent {
+    io: Option<Box<IoDesc>>,
+    pending: u32,
+    err: Option<IoError>,
+    /// DEALLOCATE / WRITE ZEROES (no data, any length): the next byte to send a piece for, and the end. Such a
+    /// request goes out in batches of at most [`RANGE_BATCH`] pieces, the next batch when the last one is back.
+    next: u64,
+    end: u64,
+}
+
+/// Most pieces of a DEALLOCATE / WRITE ZEROES request in flight at once.
+const RANGE_BATCH: usize = 8;
+
+/// One reactor's channel to a striped cache: splits requests into per-stripe pieces and gathers their answers.
+pub struct StripedChannel {
+    shared: Arc<Shared>,
+    id: u16,
+    client: u16,
+    geo: Geometry,
+    feat: Features,
+    depth: u32,
+    parents: Vec<Parent>,
+    free_parents: Vec<u32>,
+    #[allow(clippy::vec_box)] // pooled piece descriptors, moved in and out, never re-boxed
+    free_pieces: Vec<Box<IoDesc>>,
+    piece_count: usize,
+    /// Pieces whose shard inbox was full: sent again at the next poll.
+    unsent: VecDeque<(u32, Box<IoDesc>)>,
+    #[allow(clippy::vec_box)]
+    done: Vec<Box<IoDesc>>,
+}
+
+// SAFETY: the channel is used by one thread at a time (the IoChannel contract); the raw segments inside its piece
+// descriptors point into callers' buffers, which the callers keep valid until their requests complete.
+unsafe impl Send for StripedChannel {}
+
+impl StripedChannel {
+    pub(crate) fn open(dev: &CacheBdev, opts: ChannelOpts) -> Result<Box<StripedChannel>, CacheError> {
+        let shared = Arc::clone(dev.shared());
+        if shared.closing.load(Ordering::Acquire) {
+            return Err(CacheError::Config { what: "cache", reason: "is shutting down" });
+        }
+        let depth = opts.queue_depth.clamp(1, 4096);
+        let id = (0..shared.front_busy.len())
+            .find(|&i| shared.front_busy[i].compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_ok())
+            .ok_or(CacheError::Config { what: "cache channels", reason: "too many open at once (64)" })?;
+        let _ = shared.fronts[id].get_or_init(|| ArrayQueue::new(RING_ENTRIES));
+        let geo = dev.geometry();
+        // Pieces: one per request in the common case, a second for requests crossing a stripe, one per shard for
+        // flush; beyond that a request waits (Busy) for pieces to come back.
+        let piece_count = (depth as usize * 2 + shared.shards.len()).min(RING_ENTRIES);
+        let segs = geo.max_segments as usize;
+        Ok(Box::new(StripedChannel {
+            id: id as u16,
+            client: u16::try_from(opts.reactor_index + 1).unwrap_or(u16::MAX),
+            geo,
+            feat: dev.features(),
+            depth,
+            parents: (0..depth).map(|_| Parent { io: None, pending: 0, err: None, next: 0, end: 0 }).collect(),
+            free_parents: (0..depth).rev().collect(),
+            free_pieces: (0..piece_count).map(|_| IoDesc::new(segs)).collect(),
+            piece_count,
+            unsent: VecDeque::with_capacity(piece_count),
+            done: Vec::with_capacity(depth as usize),
+            shared,
+        }))
+    }
+
+    fn ring(&self) -> Option<&ArrayQueue<Box<IoDesc>>> {
+        self.shared.fronts[self.id as usize].get()
+    }
+
+    fn send(&mut self, shard: u32, mut piece: Box<IoDesc>) {
+        let state = self.shared.shards[shard as usize].state.load(Ordering::Acquire);
+        if state >= SHARD_DONE_CLEAN {
+            // The shard has left its reactor (shutdown): nothing will serve the piece.
+            piece.status = match (piece.op, state) {
+                (IoOp::Flush, SHARD_DONE_CLEAN) => IoStatus::Success,
+                _ => IoStatus::Failed(IoError::Aborted),
+            };
+            self.piece_done(piece);
+            return;
+        }
+        if !self.unsent.is_empty() {
+            // Keep order behind earlier refused pieces.
+            self.unsent.push_back((shard, piece));
+            return;
+        }
+        if let Err(back) = self.shared.shards[shard as usize].inbox.push(piece) {
+            self.unsent.push_back((shard, back));
+        }
+    }
+
+    fn piece_done(&mut self, mut piece: Box<IoDesc>) {
+        let p = (piece.ctx & 0xffff_ffff) as usize;
+        let status = piece.status;
+        piece.clear_raw_segs();
+        self.free_pieces.push(piece);
+        let Some(parent) = self.parents.get_mut(p) else { return };
+        if let IoStatus::Failed(e) = status {
+            parent.err.get_or_insert(e);
+        } else if status == IoStatus::Pending {
+            parent.err.get_or_insert(IoError::Aborted);
+        }
+        parent.pending = parent.pending.saturating_sub(1);
+        if parent.pending == 0 && parent.next < parent.end && parent.err.is_none() {
+            self.send_range_batch(p as u32);
+            return;
+        }
+        if parent.pending == 0 {
+            if let Some(mut io) = parent.io.take() {
+                io.status = parent.err.take().map_or(IoStatus::Success, IoStatus::Failed);
+                self.done.push(io);
+            }
+            self.free_parents.push(p as u32);
+        }
+    }
+
+    /// Send the next batch of pieces of a DEALLOCATE / WRITE ZEROES parent.
+    fn send_range_batch(&mut self, p: u32) {
+        let Some(parent) = self.parents.get(p as usize) else { return };
+        let (next, end) = (parent.next, parent.end);
+        let Some((op, flags)) = parent.io.as_ref().map(|io| (io.op, io.flags)) else { return };
+        let bs = u64::from(self.geo.block_size);
+        let ctx = self.piece_ctx(p);
+        let mut batch: [(u32, u64, u64); RANGE_BATCH] = [(0, 0, 0); RANGE_BATCH];
+        let mut n = 0usize;
+        let mut stop = end;
+        self.shared.stripes().split(next, end, |pc| {
+            if n < RANGE_BATCH && n < self.free_pieces.len() {
+                batch[n] = (pc.owner, pc.start, pc.end);
+                n += 1;
+            } else if stop == end {
+                stop = pc.start;
+            }
+        });
+        let parent = &mut self.parents[p as usize];
+        parent.next = stop;
+        parent.pending += n as u32;
+        for &(owner, a, b) in &batch[..n] {
+            let Some(mut piece) = self.free_pieces.pop() else { break };
+            piece.prepare(op, a / bs, (b - a) / bs);
+            piece.flags = flags;
+            piece.ctx = ctx;
+            self.send(owner, piece);
+        }
+    }
+
+    fn piece_ctx(&self, parent: u32) -> u64 {
+        (u64::from(self.client) << 48) | (u64::from(self.id) << 32) | u64::from(parent)
+    }
+
+    /// Flush on a cache whose shards have all stopped: answer from their final state.
+    fn flush_after_stop(&self) -> Option<IoStatus> {
+        let states: Vec<u8> = self.shared.shards.iter().map(|s| s.state.load(Ordering::Acquire)).collect();
+        if states.iter().all(|&s| s == SHARD_DONE_CLEAN) {
+            return Some(IoStatus::Success);
+        }
+        if states.iter().all(|&s| s >= SHARD_DONE_CLEAN) {
+            return Some(IoStatus::Failed(IoError::Aborted));
+        }
+        None
+    }
+}
+
+impl IoChannel for StripedChannel {
+    fn submit(&mut self, mut io: Box<IoDesc>) -> Result<(), Rejected> {
+        if let Err(e) = validate(&self.geo, &self.feat, &io) {
+            return Err(Rejected { io, why: SubmitError::Invalid(e) });
+        }
+        let bs = u64::from(self.geo.block_size);
+        let stripes = self.shared.stripes();
+        let (start, end) = (io.offset_blocks * bs, (io.offset_blocks + io.num_blocks) * bs);
+        let needed = if io.op == IoOp::Flush {
+            if let Some(st) = self.flush_after_stop() {
+                io.status = st;
+                self.done.push(io);
+                return Ok(());
+            }
+            self.shared.shards.len()
+        } else if !io.op.has_data() {
+            1
+        } else {
+            let mut n = 0usize;
+            stripes.split(start, end, |_| n += 1);
+            n
+        };
+        if self.free_parents.is_empty() || self.free_pieces.len() < needed || self.done.len() >= self.depth as usize {
+            return Err(Rejected { io, why: SubmitError::Busy });
+        }
+        let Some(p) = self.free_parents.pop() else { return Err(Rejected { io, why: SubmitError::Busy }) };
+        io.status = IoStatus::Pending;
+        let ctx = self.piece_ctx(p);
+        let (op, flags) = (io.op, io.flags);
+        if !op.has_data() && op != IoOp::Flush {
+            self.parents[p as usize] = Parent { io: Some(io), pending: 0, err: None, next: start, end };
+            self.send_range_batch(p);
+            return Ok(());
+        }
+        if op == IoOp::Flush {
+            self.parents[p as usize] = Parent { io: Some(io), pending: needed as u32, err: None, next: 0, end: 0 };
+            for shard in 0..self.shared.shards.len() as u32 {
+                let Some(mut piece) = self.free_pieces.pop() else { break };
+                piece.prepare(IoOp::Flush, 0, 0);
+                piece.ctx = ctx;
+                self.send(shard, piece);
+            }
+            return Ok(());
+        }
+        let mut pieces_ok = true;
+        let mut list: [(u32, u64, u64, u64); 4] = [(0, 0, 0, 0); 4];
+        let mut count = 0usize;
+        stripes.split(start, end, |pc| {
+            if count < list.len() {
+                list[count] = (pc.owner, pc.start, pc.end, pc.buf_offset);
+            } else {
+                pieces_ok = false;
+            }
+            count += 1;
+        });
+        if !pieces_ok {
+            // More than four stripes in one request: only with stripes smaller than a quarter of max transfer.
+            self.free_parents.push(p);
+            return Err(Rejected {
+                io,
+                why: SubmitError::Invalid(IoError::BadLength { bytes: end - start, detail: "spans more than four cache stripes" }),
+            });
+        }
+        let seg_lens: [u64; MAX_USER_SEGS as usize] = {
+            let mut a = [0u64; MAX_USER_SEGS as usize];
+            for (i, s) in io.segs().iter().enumerate().take(a.len()) {
+                a[i] = u64::from(s.len());
+            }
+            a
+        };
+        let nsegs = io.segs().len();
+        let user_segs: [Option<nvstack_blockdev::bdev::Seg>; MAX_USER_SEGS as usize] = {
+            let mut a = [None; MAX_USER_SEGS as usize];
+            for (i, s) in io.segs().iter().enumerate().take(a.len()) {
+                a[i] = Some(*s);
+            }
+            a
+        };
+        self.parents[p as usize] = Parent { io: Some(io), pending: count as u32, err: None, next: 0, end: 0 };
+        for &(owner, a, b, off) in &list[..count] {
+            let Some(mut piece) = self.free_pieces.pop() else { break };
+            piece.prepare(op, a / bs, (b - a) / bs);
+            piece.flags = flags;
+            piece.ctx = ctx;
+            let mut ok = true;
+            seg_slices(seg_lens[..nsegs].iter().copied(), off, b - a, |i, o, l| {
+                let Some(s) = user_segs[i] else {
+                    ok = false;
+                    return;
+                };
+                // SAFETY: `o + l <= s.len()` (seg_slices stays inside each segment); the caller's segments stay valid
+                // and untouched until its request completes, which is after every piece has come back.
+                let ptr = unsafe { std::ptr::NonNull::new_unchecked(s.ptr().as_ptr().add(o as usize)) };
+                // SAFETY: as above: a sub-range of a segment the caller lent us until completion.
+                if unsafe { piece.push_seg_raw(ptr, s.iova() + o, l as u32) }.is_err() {
+                    ok = false;
+                }
+            });
+            if !ok {
+                // Cannot happen: a piece has at most as many segments as its request.
+                tracing::error!("cache: a piece needed more segments than its request");
+            }
+            self.send(owner, piece);
+        }
+        Ok(())
+    }
+
+    fn poll(&mut self, out: &mut Vec<Box<IoDesc>>) -> usize {
+        while let Some((shard, piece)) = self.unsent.pop_front() {
+            if let Err(back) = self.shared.shards[shard as usize].inbox.push(piece) {
+                self.unsent.push_front((shard, back));
+                break;
+            }
+        }
+        while let Some(piece) = self.ring().and_then(ArrayQueue::pop) {
+            self.piece_done(piece);
+        }
+        let room = out.capacity() - out.len();
+        let n = room.min(self.done.len());
+        out.extend(self.done.drain(..n));
+        n
+    }
+
+    fn outstanding(&self) -> usize {
+        self.depth as usize - self.free_parents.len() + self.done.len()
+    }
+
+    fn queue_depth(&self) -> u32 {
+        self.depth
+    }
+}
+
+impl Drop for StripedChannel {
+    fn drop(&mut self) {
+        // Pieces still at the shards point into callers' buffers and will come back to our ring: wait for them
+        // (bounded), so the channel id can be reused safely.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut sink = Vec::with_capacity(self.depth as usize);
+        while self.free_pieces.len() + self.unsent.len() < self.piece_count && Instant::now() < deadline {
+            sink.clear();
+            self.poll(&mut sink);
+            if !self.unsent.is_empty() && self.shared.shards.iter().all(|s| s.state.load(Ordering::Acquire) >= SHARD_DONE_CLEAN) {
+                break;
+            }
+            std::thread::yield_now();
+        }
+        let back = self.free_pieces.len() + self.unsent.len();
+        if back < self.piece_count {
+            // Keep the id taken forever: a late piece must not land on a new channel's ring.
+            tracing::error!(channel = self.id, missing = self.piece_count - back, "cache channel closed with pieces still at the shards");
+            return;
+        }
+        self.shared.front_busy[self.id as usize].store(false, Ordering::Release);
+    }
+}
+
+impl std::fmt::Debug for StripedChannel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StripedChannel").field("id", &self.id).field("depth", &self.depth).finish()
+    }
+}
+
+/// Check a piece layout cheaply at compile time: the ctx packs client (16), channel id (16), parent (32).
+const _: () = assert!(MAX_CHANNELS <= u16::MAX as usize);

@@ -1,0 +1,176 @@
+//! The extent cache's reverse map and actions: poisoned arena memory → the cache page there → the device bytes it
+//! caches (and from there, through the registry, the export or file system that owns them).
+//!
+//! [`CacheMaps`] answers for the arena device (the name the translator gives arena memory, "arena" in the
+//! appliance). For each 4 KiB arena page asked about, it asks each registered cache whether the page is one of its
+//! slots and what the slot caches, through the cache's control path (a message to the owning reactor; nothing on
+//! the I/O path). A slot holding data answers with a [`Owner::CachePage`] (dirty or clean, and who first dirtied it)
+//! and a [`Owner::Volume`] piece naming the cache bdev at the cached offset, which the registry follows to the
+//! exports and file systems above.
+//!
+//! As an [`ActionTarget`] it carries out both cache actions the same way: [`CacheBdev::poison_arena_page`]. Clean
+//! data is dropped (the next read refetches it from the backing device); dirty data is lost: its bytes become IOERR
+//! and reads of them fail until a full overwrite. Either way the slot is retired and never reused.
+//!
+//! A cache slot that holds nothing is not claimed (unknown is never free: nothing is touched).
+
+use std::sync::{Arc, RwLock, Weak};
+
+use nvstack_cache::{Bits, CacheBdev};
+
+use crate::action::ActionTarget;
+use crate::owner::{Owner, OwnerPiece, Rmap};
+use crate::RmapError;
+
+const PAGE: u64 = 4096;
+
+/// Most pages one query walks (a 1 GiB hugepage event would be 262144 pages: the rest is left unanswered).
+pub const MAX_PAGES_PER_QUERY: u64 = 4096;
+
+/// The caches whose pages live in one arena, as a reverse map and action target for that arena's device.
+pub struct CacheMaps {
+    device: String,
+    caches: RwLock<Vec<(String, Weak<CacheBdev>)>>,
+}
+
+impl std::fmt::Debug for CacheMaps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<String> = self.caches.read().map(|v| v.iter().map(|(n, _)| n.clone()).collect()).unwrap_or_default();
+        f.debug_struct("CacheMaps").field("device", &self.device).field("caches", &names).finish()
+    }
+}
+
+impl CacheMaps {
+    /// Maps for the arena known to the translator as `device`.
+    pub fn new(device: &str) -> Arc<CacheMaps> {
+        Arc::new(CacheMaps { device: device.to_string(), caches: RwLock::new(Vec::new()) })
+    }
+
+    /// Answer for `cache` (named `name`) too. Holds it weakly: a deleted cache drops out by itself.
+    pub fn add(&self, name: &str, cache: &Arc<CacheBdev>) {
+        if let Ok(mut v) = self.caches.write() {
+            v.retain(|(n, _)| n != name);
+            v.push((name.to_string(), Arc::downgrade(cache)));
+        }
+    }
+
+    /// Stop answering for the cache named `name`.
+    pub fn remove(&self, name: &str) {
+        if let Ok(mut v) = self.caches.write() {
+            v.retain(|(n, _)| n != name);
+        }
+    }
+
+    fn live(&self) -> Vec<(String, Arc<CacheBdev>)> {
+        self.caches.read().map(|v| v.iter().filter_map(|(n, w)| w.upgrade().map(|c| (n.clone(), c))).collect()).unwrap_or_default()
+    }
+
+    fn pages(offset: u64, len: u64) -> impl Iterator<Item = u64> {
+        let first = offset / PAGE;
+        let last = offset.saturating_add(len.max(1)).div_ceil(PAGE).min(first.saturating_add(MAX_PAGES_PER_QUERY));
+        (first..last).map(|p| p * PAGE)
+    }
+
+    /// Poison every cache page of `[offset, offset+len)`: what [`ActionTarget::drop_and_refetch`] and
+    /// [`ActionTarget::mark_ioerr`] both do.
+    fn poison(&self, offset: u64, len: u64) -> Result<(), String> {
+        let caches = self.live();
+        let mut done = 0u64;
+        let mut errors = Vec::new();
+        for page in Self::pages(offset, len) {
+            for (name, cache) in &caches {
+                if cache.owns_arena_offset(page).is_none() {
+                    continue;
+                }
+                match cache.poison_arena_page(page) {
+                    Ok(Some(p)) => {
+                        done += 1;
+                        tracing::warn!(
+                            cache = name.as_str(),
+                            arena_offset = page,
+                            device_start = p.start,
+                            dirty_bytes = p.dirty_bytes,
+                            first_dirtier = ?p.first_dirtier.map(|t| t.client),
+                            retired = p.slot_retired,
+                            "cache page poisoned: {}",
+                            if p.dirty_bytes > 0 { "dirty data lost, range marked IOERR" } else { "clean data dropped, refetched on the next read" }
+                        );
+                    }
+                    Ok(None) => {}
+                    Err(e) => errors.push(format!("{name}: {e}")),
+                }
+            }
+        }
+        if errors.is_empty() {
+            tracing::info!(pages = done, "cache poison action done");
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+}
+
+impl Rmap for CacheMaps {
+    fn name(&self) -> &str {
+        "cache"
+    }
+    fn device(&self) -> &str {
+        &self.device
+    }
+    fn owners(&self, offset: u64, len: u64, out: &mut Vec<OwnerPiece>) -> Result<(), RmapError> {
+        let caches = self.live();
+        for page in Self::pages(offset, len) {
+            for (name, cache) in &caches {
+                if cache.owns_arena_offset(page).is_none() {
+                    continue;
+                }
+                let ask = |step: &'static str, source: nvstack_cache::CacheError| RmapError::CacheQuery {
+                    cache: name.clone(),
+                    arena_offset: page,
+                    step,
+                    source,
+                };
+                let Some((start, end)) = cache.device_range_of(page).map_err(|e| ask("device range", e))? else { continue };
+                let pieces = cache.query_range(start, end).map_err(|e| ask("state", e))?;
+                let dirty = pieces.iter().find(|p| p.state.bits.contains(Bits::DIRTY));
+                if pieces.iter().all(|p| !p.state.bits.contains(Bits::UPTODATE) && !p.state.bits.contains(Bits::DIRTY)) {
+                    continue; // A slot given to a page whose fill has not landed: nothing cached yet.
+                }
+                out.push(OwnerPiece {
+                    device: self.device.clone(),
+                    offset: page,
+                    len: PAGE,
+                    owner: Owner::CachePage {
+                        page_index: page / PAGE,
+                        dirty: dirty.is_some(),
+                        first_dirtier: dirty.map(|p| u32::from(p.state.tag.client)),
+                        dirtied_at_ms: dirty.map(|p| u64::from(p.state.tag.time)),
+                    },
+                    rmap: "cache".into(),
+                    depth: 0,
+                });
+                out.push(OwnerPiece {
+                    device: self.device.clone(),
+                    offset: page,
+                    len: PAGE,
+                    owner: Owner::Volume { name: name.clone(), offset: start },
+                    rmap: "cache".into(),
+                    depth: 0,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ActionTarget for CacheMaps {
+    fn owns(&self, device: &str) -> bool {
+        device == self.device
+    }
+    fn drop_and_refetch(&self, _device: &str, offset: u64, len: u64) -> Result<(), String> {
+        self.poison(offset, len)
+    }
+    fn mark_ioerr(&self, _device: &str, offset: u64, len: u64) -> Result<(), String> {
+        self.poison(offset, len)
+    }
+}
