@@ -21,7 +21,8 @@
 //! leaves its reactor. A channel opened after that answers FLUSH from the shards' final state.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -69,6 +70,21 @@ pub(crate) struct ShardSlot {
     state: AtomicU8,
     /// The arena byte range of this shard's pages (for "which shard caches this arena page").
     arena_range: OnceLock<(u64, u64)>,
+    /// The engine, for channels running on the shard's own thread (the local fast path); null when none.
+    engine: AtomicPtr<CacheChannel>,
+    /// [`thread_tag`] of the shard's reactor thread (0: none yet).
+    thread: AtomicU64,
+    /// The shard's final flush, when a same-thread channel reaped it from the engine.
+    final_back: ArrayQueue<Box<IoDesc>>,
+}
+
+/// A number naming the current thread (never 0), cheap to read on the I/O path.
+fn thread_tag() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    thread_local! {
+        static TAG: u64 = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    TAG.with(|t| *t)
 }
 
 /// State shared by a cache's shards and channels.
@@ -95,6 +111,9 @@ impl Shared {
                     stats: Arc::new(CacheStats::default()),
                     state: AtomicU8::new(SHARD_NONE),
                     arena_range: OnceLock::new(),
+                    engine: AtomicPtr::new(std::ptr::null_mut()),
+                    thread: AtomicU64::new(0),
+                    final_back: ArrayQueue::new(1),
                 })
                 .collect(),
             stripes,
@@ -271,7 +290,9 @@ const ENGINE_DEPTH: u32 = 1024;
 struct ShardPoller {
     shared: Arc<Shared>,
     shard: u32,
-    engine: Box<CacheChannel>,
+    /// The engine, owned by this poller (from `Box::into_raw`; freed in `Drop`). Channels on this reactor's thread
+    /// reach it through the slot's pointer, only while this poller is not running (one thread runs both).
+    engine: NonNull<CacheChannel>,
     /// A piece the engine refused with Busy: first in line next round.
     stalled: Option<Box<IoDesc>>,
     #[allow(clippy::vec_box)] // descriptors are the channels' pooled boxes, moved, never re-boxed
@@ -294,7 +315,12 @@ enum FinalFlush {
 const FINAL_FLUSH_CTX: u64 = u64::MAX;
 
 impl ShardPoller {
+    /// Called on the shard's reactor thread.
     fn new(shared: Arc<Shared>, shard: u32, engine: Box<CacheChannel>) -> ShardPoller {
+        let engine = NonNull::from(Box::leak(engine));
+        let slot = &shared.shards[shard as usize];
+        slot.thread.store(thread_tag(), Ordering::Release);
+        slot.engine.store(engine.as_ptr(), Ordering::Release);
         ShardPoller {
             shared,
             shard,
@@ -311,12 +337,19 @@ impl ShardPoller {
         &self.shared.shards[self.shard as usize]
     }
 
+    fn engine(&mut self) -> &mut CacheChannel {
+        // SAFETY: the pointer came from a leaked Box owned by this poller and stays valid until `Drop`. The only other
+        // user is a channel on this same thread (the local fast path), which runs inside another poller's round,
+        // never while this `&mut` is alive.
+        unsafe { self.engine.as_mut() }
+    }
+
     fn deliver(&mut self, io: Box<IoDesc>) {
         if io.ctx == FINAL_FLUSH_CTX {
             let ok = io.status == IoStatus::Success;
             self.final_flush = Some(io);
             self.final_state = FinalFlush::Done;
-            let dirty = self.engine.tree().total(crate::Bits::DIRTY);
+            let dirty = self.engine().tree().total(crate::Bits::DIRTY);
             let clean = ok && dirty == 0;
             if !clean {
                 tracing::error!(shard = self.shard, dirty_bytes = dirty, "cache shard stopping with data not written back");
@@ -341,8 +374,11 @@ impl Poller for ShardPoller {
         let mut busy = false;
         if self.shared.has_controls(self.shard) {
             let shared = Arc::clone(&self.shared);
-            shared.run_controls(self.shard, &mut self.engine);
+            shared.run_controls(self.shard, self.engine());
             busy = true;
+        }
+        if let Some(f) = self.slot().final_back.pop() {
+            self.deliver(f);
         }
         // Pieces that could not be handed back last round.
         for _ in 0..self.undelivered.len() {
@@ -362,7 +398,7 @@ impl Poller for ShardPoller {
             };
             busy = true;
             took = true;
-            match self.engine.submit(io) {
+            match self.engine().submit(io) {
                 Ok(()) => {}
                 Err(Rejected { io, why: SubmitError::Busy }) => {
                     self.stalled = Some(io);
@@ -375,7 +411,10 @@ impl Poller for ShardPoller {
             }
         }
         self.out.clear();
-        if self.engine.poll(&mut self.out) > 0 {
+        let mut out = std::mem::take(&mut self.out);
+        let n = self.engine().poll(&mut out);
+        self.out = out;
+        if n > 0 {
             busy = true;
         }
         while let Some(io) = self.out.pop() {
@@ -389,19 +428,20 @@ impl Poller for ShardPoller {
         // Shutdown: once nothing is waiting, write back and flush everything, then leave.
         let leaving = ctx.stopping() || self.shared.closing.load(Ordering::Acquire);
         if leaving && self.stalled.is_none() && self.slot().inbox.is_empty() {
+            let engine_idle = self.engine().outstanding() == 0;
             match self.final_state {
                 FinalFlush::NotStarted => {
                     if let Some(mut f) = self.final_flush.take() {
                         f.prepare(IoOp::Flush, 0, 0);
                         f.ctx = FINAL_FLUSH_CTX;
-                        match self.engine.submit(f) {
+                        match self.engine().submit(f) {
                             Ok(()) => self.final_state = FinalFlush::InFlight,
                             Err(r) => self.final_flush = Some(r.io),
                         }
                     }
                 }
                 FinalFlush::InFlight => {}
-                FinalFlush::Done if self.engine.outstanding() == 0 && self.undelivered.is_empty() => {
+                FinalFlush::Done if engine_idle && self.undelivered.is_empty() => {
                     return PollOutcome::Done;
                 }
                 FinalFlush::Done => {}
@@ -415,6 +455,20 @@ impl Poller for ShardPoller {
         }
     }
 }
+
+impl Drop for ShardPoller {
+    fn drop(&mut self) {
+        // No channel may reach the engine any more (they run on this thread, so none is inside it now).
+        self.slot().engine.store(std::ptr::null_mut(), Ordering::Release);
+        self.slot().thread.store(0, Ordering::Release);
+        // SAFETY: the pointer came from `Box::leak` in `new` and nothing else frees it.
+        drop(unsafe { Box::from_raw(self.engine.as_ptr()) });
+    }
+}
+
+// SAFETY: the engine is owned by the poller (a raw pointer only to let same-thread channels reach it); the poller
+// moves to its reactor thread once, before it first runs, and is used there only.
+unsafe impl Send for ShardPoller {}
 
 struct Parent {
     io: Option<Box<IoDesc>>,
@@ -446,6 +500,12 @@ pub struct StripedChannel {
     unsent: VecDeque<(u32, Box<IoDesc>)>,
     #[allow(clippy::vec_box)]
     done: Vec<Box<IoDesc>>,
+    /// Completions reaped from a same-thread engine (the local fast path), before routing.
+    #[allow(clippy::vec_box)]
+    reaped: Vec<Box<IoDesc>>,
+    /// Completions for other channels that their rings could not take yet.
+    #[allow(clippy::vec_box)]
+    foreign: Vec<Box<IoDesc>>,
 }
 
 // SAFETY: the channel is used by one thread at a time (the IoChannel contract); the raw segments inside its piece
@@ -480,6 +540,8 @@ impl StripedChannel {
             piece_count,
             unsent: VecDeque::with_capacity(piece_count),
             done: Vec::with_capacity(depth as usize),
+            reaped: Vec::with_capacity(ENGINE_DEPTH as usize + 1),
+            foreign: Vec::with_capacity(64),
             shared,
         }))
     }
@@ -488,7 +550,33 @@ impl StripedChannel {
         self.shared.fronts[self.id as usize].get()
     }
 
+    /// The engine of `shard` when it runs on this thread (the local fast path: no ring in either direction).
+    #[inline]
+    fn local_engine(&self, shard: u32) -> Option<NonNull<CacheChannel>> {
+        let slot = &self.shared.shards[shard as usize];
+        if slot.thread.load(Ordering::Acquire) != thread_tag() {
+            return None;
+        }
+        NonNull::new(slot.engine.load(Ordering::Acquire))
+    }
+
     fn send(&mut self, shard: u32, mut piece: Box<IoDesc>) {
+        if self.unsent.is_empty() {
+            if let Some(mut engine) = self.local_engine(shard) {
+                // SAFETY: the engine belongs to the shard poller of this very thread, which is not running now (we
+                // are inside another poller's round or outside the reactor loop on this thread), and it stays alive
+                // while its pointer is published (the poller clears it before freeing the engine, on this thread).
+                match unsafe { engine.as_mut() }.submit(piece) {
+                    Ok(()) => return,
+                    Err(Rejected { io, why: SubmitError::Busy }) => piece = io,
+                    Err(Rejected { mut io, why: SubmitError::Invalid(e) }) => {
+                        io.status = IoStatus::Failed(e);
+                        self.piece_done(io);
+                        return;
+                    }
+                }
+            }
+        }
         let state = self.shared.shards[shard as usize].state.load(Ordering::Acquire);
         if state >= SHARD_DONE_CLEAN {
             // The shard has left its reactor (shutdown): nothing will serve the piece.
@@ -564,6 +652,31 @@ impl StripedChannel {
         }
     }
 
+    /// A finished piece reaped from a same-thread engine: ours, another channel's, or the shard's own final flush
+    /// (handed back to the shard poller).
+    fn route(&mut self, shard: u32, io: Box<IoDesc>) {
+        if io.ctx == FINAL_FLUSH_CTX {
+            match self.shared.shards.get(shard as usize).map(|s| s.final_back.push(io)) {
+                Some(Ok(())) => {}
+                _ => tracing::error!(shard, "cache: a shard's final flush came back where it cannot be handed on"),
+            }
+            return;
+        }
+        let front = ((io.ctx >> 32) & 0xffff) as usize;
+        if front == self.id as usize {
+            self.piece_done(io);
+            return;
+        }
+        match self.shared.fronts.get(front).and_then(OnceLock::get) {
+            Some(ring) => {
+                if let Err(back) = ring.push(io) {
+                    self.foreign.push(back);
+                }
+            }
+            None => tracing::error!(front, "cache: a piece names a channel that does not exist; dropped"),
+        }
+    }
+
     fn piece_ctx(&self, parent: u32) -> u64 {
         (u64::from(self.client) << 48) | (u64::from(self.id) << 32) | u64::from(parent)
     }
@@ -625,54 +738,29 @@ impl IoChannel for StripedChannel {
             }
             return Ok(());
         }
-        let mut pieces_ok = true;
-        let mut list: [(u32, u64, u64, u64); 4] = [(0, 0, 0, 0); 4];
+        // Build the pieces while the request is still ours to read, then hand it to its parent slot, then send.
+        let mut pieces: [Option<(u32, Box<IoDesc>)>; 2] = [None, None];
         let mut count = 0usize;
+        let mut too_many = false;
         stripes.split(start, end, |pc| {
-            if count < list.len() {
-                list[count] = (pc.owner, pc.start, pc.end, pc.buf_offset);
-            } else {
-                pieces_ok = false;
+            if count >= pieces.len() {
+                too_many = true;
+                return;
             }
-            count += 1;
-        });
-        if !pieces_ok {
-            // More than four stripes in one request: only with stripes smaller than a quarter of max transfer.
-            self.free_parents.push(p);
-            return Err(Rejected {
-                io,
-                why: SubmitError::Invalid(IoError::BadLength { bytes: end - start, detail: "spans more than four cache stripes" }),
-            });
-        }
-        let seg_lens: [u64; MAX_USER_SEGS as usize] = {
-            let mut a = [0u64; MAX_USER_SEGS as usize];
-            for (i, s) in io.segs().iter().enumerate().take(a.len()) {
-                a[i] = u64::from(s.len());
-            }
-            a
-        };
-        let nsegs = io.segs().len();
-        let user_segs: [Option<nvstack_blockdev::bdev::Seg>; MAX_USER_SEGS as usize] = {
-            let mut a = [None; MAX_USER_SEGS as usize];
-            for (i, s) in io.segs().iter().enumerate().take(a.len()) {
-                a[i] = Some(*s);
-            }
-            a
-        };
-        self.parents[p as usize] = Parent { io: Some(io), pending: count as u32, err: None, next: 0, end: 0 };
-        for &(owner, a, b, off) in &list[..count] {
-            let Some(mut piece) = self.free_pieces.pop() else { break };
-            piece.prepare(op, a / bs, (b - a) / bs);
+            let Some(mut piece) = self.free_pieces.pop() else {
+                too_many = true;
+                return;
+            };
+            piece.prepare(op, pc.start / bs, (pc.end - pc.start) / bs);
             piece.flags = flags;
             piece.ctx = ctx;
+            let segs = io.segs();
             let mut ok = true;
-            seg_slices(seg_lens[..nsegs].iter().copied(), off, b - a, |i, o, l| {
-                let Some(s) = user_segs[i] else {
-                    ok = false;
-                    return;
-                };
-                // SAFETY: `o + l <= s.len()` (seg_slices stays inside each segment); the caller's segments stay valid
-                // and untouched until its request completes, which is after every piece has come back.
+            seg_slices(segs.iter().map(|s| u64::from(s.len())), pc.buf_offset, pc.end - pc.start, |i, o, l| {
+                let s = segs[i];
+                // SAFETY: `o + l <= s.len()` (seg_slices stays inside each segment), so the pointer is inside the
+                // segment and non-null; the caller's segments stay valid and untouched until its request completes,
+                // which is after every piece has come back.
                 let ptr = unsafe { std::ptr::NonNull::new_unchecked(s.ptr().as_ptr().add(o as usize)) };
                 // SAFETY: as above: a sub-range of a segment the caller lent us until completion.
                 if unsafe { piece.push_seg_raw(ptr, s.iova() + o, l as u32) }.is_err() {
@@ -683,6 +771,23 @@ impl IoChannel for StripedChannel {
                 // Cannot happen: a piece has at most as many segments as its request.
                 tracing::error!("cache: a piece needed more segments than its request");
             }
+            pieces[count] = Some((pc.owner, piece));
+            count += 1;
+        });
+        if too_many {
+            // Cannot happen with the geometry's max transfer of one stripe: undo and refuse.
+            for (_, mut piece) in pieces.iter_mut().filter_map(Option::take) {
+                piece.clear_raw_segs();
+                self.free_pieces.push(piece);
+            }
+            self.free_parents.push(p);
+            return Err(Rejected {
+                io,
+                why: SubmitError::Invalid(IoError::BadLength { bytes: end - start, detail: "spans more than two cache stripes" }),
+            });
+        }
+        self.parents[p as usize] = Parent { io: Some(io), pending: count as u32, err: None, next: 0, end: 0 };
+        for (owner, piece) in pieces.iter_mut().filter_map(Option::take) {
             self.send(owner, piece);
         }
         Ok(())
@@ -697,6 +802,21 @@ impl IoChannel for StripedChannel {
         }
         while let Some(piece) = self.ring().and_then(ArrayQueue::pop) {
             self.piece_done(piece);
+        }
+        // The local fast path: reap the same-thread engines directly, routing other channels' pieces to their rings.
+        for _ in 0..self.foreign.len() {
+            let io = self.foreign.remove(0);
+            self.route(u32::MAX, io);
+        }
+        for shard in 0..self.shared.shards.len() as u32 {
+            let Some(mut engine) = self.local_engine(shard) else { continue };
+            let mut reaped = std::mem::take(&mut self.reaped);
+            // SAFETY: as in `send`: the same-thread engine, whose poller is not running now.
+            unsafe { engine.as_mut() }.poll(&mut reaped);
+            for io in reaped.drain(..) {
+                self.route(shard, io);
+            }
+            self.reaped = reaped;
         }
         let room = out.capacity() - out.len();
         let n = room.min(self.done.len());
