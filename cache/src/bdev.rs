@@ -1,7 +1,7 @@
 //! The cache as a stacked block device: `cache:<backing>` implements [`BlockDev`] / [`IoChannel`].
 //!
-//! This is the single-reactor version (see the crate docs for the stripe/messaging design still to come): a
-//! [`CacheBdev`] hands out one [`CacheChannel`], which owns the state tree, the pages and the backing channel.
+//! The engine: a [`CacheChannel`] owns one state tree, its pages and one backing channel. A single-reactor
+//! [`CacheBdev`] hands it out as its one channel; a striped one (`crate::striped`) runs one per reactor as a shard.
 //!
 //! A request lives in a slot (`Req`) from submit to completion and moves through these steps:
 //! - **Read, hit**: every byte UPTODATE: copy from the pages, complete in `submit`. No lock (fills set UPTODATE only

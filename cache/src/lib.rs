@@ -6,8 +6,9 @@
 //!   whose waiters are queued continuations (tokens), granted FIFO on unlock. Fixed pools, no allocation per op.
 //! - [`pages`]: 4 KiB page slots carved from the DMA arena, a device-page index, CLOCK replacement.
 //! - [`bdev`]: the cache as a stacked block device `cache:<backing>` ([`CacheBdev`], [`CacheChannel`]).
-//! - [`stripe`]: the stripe layout (which reactor owns which bytes) and request splitting, for the multi-reactor
-//!   layer still to be built.
+//! - [`stripe`]: the stripe layout (which reactor owns which bytes) and request splitting.
+//! - [`striped`]: the cache across reactors (shards, pieces, rings, fan-out flush, shutdown write-back).
+//! - [`reverse`]: the poison path's queries and actions, from any thread.
 //!
 //! # Design of the cache bdev
 //! State lives per byte range in a [`StateTree`], not per page: UPTODATE (the page bytes hold the device's data or
@@ -21,25 +22,21 @@
 //! pages. Direct I/O locks its range, writes back (read) or drops (write) what the cache holds there, and moves the
 //! caller's buffer with no copy. CLOCK evicts only pages with no DIRTY, LOCKED or WRITEBACK byte.
 //!
-//! ## Ownership across reactors (designed, not built yet)
-//! The device address space is cut into stripes (e.g. 1 MiB, `stripe = (offset / stripe_bytes) % reactors`); each
-//! reactor's [`CacheChannel`] would own the tree, page index and pages of its stripes only. A request arriving on
-//! reactor A for a stripe of reactor B is split at stripe boundaries; each foreign piece travels to B as a
-//! `Msg::Call { f, a: piece slot, b }` on B's ring (the piece slot lives in a preallocated per-pair table and carries
-//! the caller's segments offset into the piece); B runs it through the same state machine as a local request and
-//! answers with a `Msg::Call` back to A, which completes the parent descriptor when all its pieces are done. A full
-//! ring is back-pressure: the piece waits in A's retry list. Flush fans out to every reactor and completes when all
-//! have written back and one backing flush has run. Today `CacheBdev` refuses a second channel with a clear error.
+//! ## Ownership across reactors
+//! [`CacheBdev::new_striped`] cuts the device address space into stripes (1 MiB by default, stripe `k` owned by
+//! reactor `k % reactors`) and builds one engine (a [`CacheChannel`]: tree, page index, pages, backing channel) per
+//! reactor, on it, driven by a poller. Channels ([`StripedChannel`], any number, any reactor) split requests into
+//! per-stripe pieces that travel to the owning shard on lock-free rings (or straight into the engine when it runs
+//! on the channel's own thread) and gather the answers; FLUSH fans out to every shard; see [`striped`].
+//! [`CacheBdev::new`] is the single-reactor form: its one channel is the engine itself.
 //!
-//! ## Status
-//! Built and tested: the state tree; the single-reactor cache (hits, misses with one backing I/O per missing run,
-//! write-back and write-through, FUA, flush, clustered writeback, periodic and pressure writeback, CLOCK eviction,
-//! direct I/O, IOERR, reverse queries, counters), and the stripe arithmetic ([`stripe`]: owners, splitting a request
-//! into per-owner pieces, slicing the caller's segments for a piece). Not built: the message layer above (pieces
-//! travelling as `Msg::Call`, per-reactor channels, fan-out flush), so 2-reactor tests and figures are missing.
+//! ## Reverse queries
+//! [`reverse`]: which cache pages hold a device range, which device range an arena page caches, and the poison
+//! action on a page (drop clean data, lose dirty data as IOERR, retire the slot), each run on the owning reactor
+//! through a control message. Nothing there is on the I/O path.
 //!
-//! `nvstack perf --bdev cache:<backing>[,size=N][,mode=wb|wt]` runs on this cache (one core, as the cache serves one
-//! channel) and prints the counters; the spec is parsed in the apps crate (`apps/src/bdev_spec.rs`).
+//! `nvstack perf --bdev cache:<backing>[,size=N][,mode=wb|wt]` runs on this cache (striped when `-m` names more
+//! than one core) and prints the counters; the spec is parsed in the apps crate (`apps/src/bdev_spec.rs`).
 
 pub mod bdev;
 pub mod error;
