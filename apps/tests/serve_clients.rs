@@ -111,7 +111,7 @@ fn fio_job(uri: &str, name: &str, offset: &str, seconds: u32) -> Command {
     c.args([
         &format!("--name={name}"), "--ioengine=nbd", &format!("--uri={uri}"), "--rw=randwrite", "--bs=4k",
         "--iodepth=16", "--size=8m", &format!("--offset={offset}"), "--verify=crc32c", "--verify_fatal=1",
-        "--do_verify=1", &format!("--runtime={seconds}"),
+        "--do_verify=1", "--verify_state_save=0", &format!("--runtime={seconds}"),
     ]);
     c
 }
