@@ -1271,8 +1271,12 @@ fn req_range(r: &Req) -> (u64, u64) {
 
 impl IoChannel for CacheChannel {
     fn submit(&mut self, mut io: Box<IoDesc>) -> Result<(), Rejected> {
-        if let Err(e) = validate(&self.geo, &self.feat, &io) {
-            return Err(Rejected { io, why: SubmitError::Invalid(e) });
+        // A shard of a striped cache takes only pieces cut by a StripedChannel from requests it already validated
+        // against the same geometry (and the shard's own final flush).
+        if !self.client_in_ctx {
+            if let Err(e) = validate(&self.geo, &self.feat, &io) {
+                return Err(Rejected { io, why: SubmitError::Invalid(e) });
+            }
         }
         if self.done.len() + (self.depth as usize - self.free_reqs.len()) >= self.depth as usize {
             return Err(Rejected { io, why: SubmitError::Busy });
