@@ -272,10 +272,17 @@ impl PoisonPath {
             Action::Untranslated | Action::NoOwnerKnown | Action::None => {}
         }
         if results.is_empty() {
-            "ok".into()
-        } else {
-            results.join("; ")
+            return "ok".into();
         }
+        // One line per distinct result, counted (a hugepage event acts on hundreds of cache pages alike).
+        let mut merged: Vec<(String, usize)> = Vec::new();
+        for r in results {
+            match merged.iter_mut().find(|(m, _)| *m == r) {
+                Some((_, n)) => *n += 1,
+                None => merged.push((r, 1)),
+            }
+        }
+        merged.into_iter().map(|(r, n)| if n > 1 { format!("{r} (x{n})") } else { r }).collect::<Vec<_>>().join("; ")
     }
 
     /// Poll every source once; handle what arrived. Returns the number of events handled.
