@@ -11,7 +11,7 @@
 //! is a 256 MiB write-through cache over `malloc:1G,bs=4096`.
 //!
 //! The cache's pages come from the arena passed in, which must hold [`extra_arena_bytes`] beyond its other uses.
-//! The cache serves one channel (one reactor) for now: the multi-reactor layer is not built (see nvstack-cache).
+//! Given reactors, the cache is striped over them (one shard per reactor); without, it is the single-reactor cache.
 
 use std::sync::Arc;
 

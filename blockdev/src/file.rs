@@ -956,11 +956,11 @@ mod tests {
     }
 
     #[test]
-    fn block_status_reports_holes_and_data_of_a_sparse_file() {
+    fn block_status_reports_holes_and_data_of_a_sparse_file() -> Result<(), Box<dyn std::error::Error>> {
         let d = Dir::new("/var/tmp", "bstat");
         let a = arena();
         let p = d.file("s.img");
-        let b = FileBdev::open("t", &cfg(p.clone(), Some(8 << 20), None), &a).unwrap();
+        let b = FileBdev::open("t", &cfg(p.clone(), Some(8 << 20), None), &a)?;
         // A fresh sparse file is one hole; a range past the end or of length 0 is unknown.
         assert_eq!(b.block_status(0, 8 << 20), Some((8 << 20, false)));
         assert_eq!(b.block_status(4096, 1 << 20), Some((1 << 20, false)));
@@ -969,13 +969,13 @@ mod tests {
         // Data at 1 MiB..1 MiB+64 KiB and in the last 4 KiB, written behind the bdev's back (same inode).
         {
             use std::os::unix::fs::FileExt;
-            let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
-            f.write_all_at(&[0xabu8; 64 << 10], 1 << 20).unwrap();
-            f.write_all_at(&[1u8; 4096], (8 << 20) - 4096).unwrap();
-            f.sync_all().unwrap();
+            let f = std::fs::OpenOptions::new().write(true).open(&p)?;
+            f.write_all_at(&[0xabu8; 64 << 10], 1 << 20)?;
+            f.write_all_at(&[1u8; 4096], (8 << 20) - 4096)?;
+            f.sync_all()?;
         }
         assert_eq!(b.block_status(0, 8 << 20), Some((1 << 20, false)));
-        let (run, alloc) = b.block_status(1 << 20, 8 << 20).unwrap();
+        let (run, alloc) = b.block_status(1 << 20, 8 << 20).ok_or("no status for the data run")?;
         assert!(alloc, "written range is data");
         // File systems may allocate beyond what was written (preallocation), but never less.
         assert!(((64 << 10)..(7 << 20) - 4096).contains(&run), "data run {run}");
@@ -986,6 +986,7 @@ mod tests {
         assert_eq!(b.block_status((8 << 20) - 4096, 1 << 30), Some((4096, true)));
         // The middle of the big hole after the data.
         assert_eq!(b.block_status(4 << 20, 4096), Some((4096, false)));
+        Ok(())
     }
 
     #[test]

@@ -226,7 +226,7 @@ impl CacheBdev {
     /// Open the (single) channel with its concrete type, for reverse queries and counters.
     ///
     /// # Errors
-    /// [`CacheError::Config`] when a channel is already open (stripes over several reactors are not built yet);
+    /// [`CacheError::Config`] when a channel is already open, or the cache is striped (its shards belong to its reactors);
     /// [`CacheError::Arena`] / [`CacheError::BackingChannel`] when resources cannot be had.
     pub fn open_cache_channel(&self, opts: ChannelOpts) -> Result<Box<CacheChannel>, CacheError> {
         if self.shared.is_striped() {
@@ -277,7 +277,7 @@ impl BlockDev for CacheBdev {
         // A hole of the backing device reads as zeroes through the cache only when the cache holds nothing newer.
         // The shards' trees belong to their reactors (this may run on one of them), so the answer rests on the
         // dirty-byte counters: with any dirty data, the range is reported as data (always a correct answer).
-        if self.shared.snapshot().dirty_bytes.load(Ordering::Acquire) == 0 {
+        if self.shared.dirty_bytes() == 0 {
             Some((run, false))
         } else {
             None
@@ -371,8 +371,9 @@ pub struct CacheChannel {
     write_back: bool,
     /// First-dirtier id for requests (single-reactor mode: the reactor index + 1).
     client: u16,
-    /// Striped mode: the first-dirtier id travels in each piece's `ctx` (bits 48..64).
-    client_in_ctx: bool,
+    /// A shard of a striped cache: requests are pieces cut by a `StripedChannel`, already validated, whose
+    /// first-dirtier id travels in `ctx` (bits 48..64).
+    striped_shard: bool,
     shared: Arc<Shared>,
     shard: u32,
     epoch: Instant,
@@ -492,7 +493,7 @@ impl CacheChannel {
             arena: Arc::clone(&dev.arena),
             write_back: dev.cfg.write_back,
             client: u16::try_from(opts.reactor_index + 1).unwrap_or(u16::MAX),
-            client_in_ctx: dev.shared.is_striped(),
+            striped_shard: dev.shared.is_striped(),
             shared: Arc::clone(&dev.shared),
             shard: dev.shard,
             epoch: Instant::now(),
@@ -524,7 +525,7 @@ impl CacheChannel {
     fn tag(&self, r: u32) -> Tag {
         // Milliseconds since the channel opened (u32: 49 days, then it saturates).
         let ms = self.epoch.elapsed().as_millis();
-        let client = match (self.client_in_ctx, self.reqs[r as usize].io.as_ref()) {
+        let client = match (self.striped_shard, self.reqs[r as usize].io.as_ref()) {
             (true, Some(io)) => (io.ctx >> 48) as u16,
             _ => self.client,
         };
@@ -1273,7 +1274,7 @@ impl IoChannel for CacheChannel {
     fn submit(&mut self, mut io: Box<IoDesc>) -> Result<(), Rejected> {
         // A shard of a striped cache takes only pieces cut by a StripedChannel from requests it already validated
         // against the same geometry (and the shard's own final flush).
-        if !self.client_in_ctx {
+        if !self.striped_shard {
             if let Err(e) = validate(&self.geo, &self.feat, &io) {
                 return Err(Rejected { io, why: SubmitError::Invalid(e) });
             }

@@ -16,6 +16,21 @@ impl CacheBdev {
     /// [`CacheError::BadRange`] for an empty or reversed range; [`CacheError::Control`] when an owning shard does
     /// not answer.
     pub fn query_range(&self, start: u64, end: u64) -> Result<Vec<CachedPiece>, CacheError> {
+        self.per_owner(start, end, |engine, a, b| {
+            let mut v = Vec::new();
+            engine.query_range(a, b, &mut v);
+            Ok(v)
+        })
+    }
+
+    /// Run `f(engine, a, b)` on the owning shard of each stripe piece `[a, b)` of `[start, end)`, in order, and
+    /// gather the answers.
+    fn per_owner<T: Send + 'static>(
+        &self,
+        start: u64,
+        end: u64,
+        f: fn(&mut crate::CacheChannel, u64, u64) -> Result<Vec<T>, CacheError>,
+    ) -> Result<Vec<T>, CacheError> {
         if end <= start {
             return Err(CacheError::BadRange { start, end });
         }
@@ -24,12 +39,7 @@ impl CacheBdev {
         let mut out = Vec::new();
         for p in parts {
             let (a, b) = (p.start, p.end);
-            let mut got = self.shared().call(p.owner, move |engine| {
-                let mut v = Vec::new();
-                engine.query_range(a, b, &mut v);
-                v
-            })?;
-            out.append(&mut got);
+            out.append(&mut self.shared().call(p.owner, move |engine| f(engine, a, b))??);
         }
         Ok(out)
     }
@@ -69,25 +79,14 @@ impl CacheBdev {
     /// # Errors
     /// As [`CacheBdev::query_range`].
     pub fn poison_device_range(&self, start: u64, end: u64) -> Result<Vec<PoisonedPage>, CacheError> {
-        if end <= start {
-            return Err(CacheError::BadRange { start, end });
-        }
-        let mut parts = Vec::new();
-        self.shared().stripes().split(start, end, |p| parts.push(p));
-        let mut out = Vec::new();
-        for p in parts {
-            let (a, b) = (p.start, p.end);
-            let mut got = self.shared().call(p.owner, move |engine| -> Result<Vec<PoisonedPage>, CacheError> {
-                let mut v = Vec::new();
-                for page in a / PAGE_BYTES..b.div_ceil(PAGE_BYTES) {
-                    if engine.holds_page(page) {
-                        v.push(engine.poison_page(page)?);
-                    }
+        self.per_owner(start, end, |engine, a, b| {
+            let mut v = Vec::new();
+            for page in a / PAGE_BYTES..b.div_ceil(PAGE_BYTES) {
+                if engine.holds_page(page) {
+                    v.push(engine.poison_page(page)?);
                 }
-                Ok(v)
-            })??;
-            out.append(&mut got);
-        }
-        Ok(out)
+            }
+            Ok(v)
+        })
     }
 }

@@ -138,6 +138,24 @@ impl Shared {
         self.stripes
     }
 
+    /// Hand a finished piece to the channel its `ctx` names. Gives it back when that channel's ring is full (kept
+    /// by the caller and handed on later); drops it, logged, when no such channel exists.
+    fn deliver_to_front(&self, io: Box<IoDesc>) -> Result<(), Box<IoDesc>> {
+        let front = ((io.ctx >> 32) & 0xffff) as usize;
+        match self.fronts.get(front).and_then(OnceLock::get) {
+            Some(ring) => ring.push(io),
+            None => {
+                tracing::error!(front, "cache: a piece names a channel that does not exist; dropped");
+                Ok(())
+            }
+        }
+    }
+
+    /// Dirty bytes over all shards.
+    pub(crate) fn dirty_bytes(&self) -> u64 {
+        self.shards.iter().map(|s| s.stats.dirty_bytes.load(Ordering::Acquire)).sum()
+    }
+
     /// The counters summed over the shards.
     pub(crate) fn snapshot(&self) -> CacheStats {
         let sum = CacheStats::default();
@@ -357,14 +375,8 @@ impl ShardPoller {
             self.slot().state.store(if clean { SHARD_DONE_CLEAN } else { SHARD_DONE_DIRTY }, Ordering::Release);
             return;
         }
-        let front = ((io.ctx >> 32) & 0xffff) as usize;
-        match self.shared.fronts.get(front).and_then(OnceLock::get) {
-            Some(ring) => {
-                if let Err(back) = ring.push(io) {
-                    self.undelivered.push(back);
-                }
-            }
-            None => tracing::error!(front, "cache: a piece names a channel that does not exist; dropped"),
+        if let Err(back) = self.shared.deliver_to_front(io) {
+            self.undelivered.push(back);
         }
     }
 }
@@ -662,18 +674,10 @@ impl StripedChannel {
             }
             return;
         }
-        let front = ((io.ctx >> 32) & 0xffff) as usize;
-        if front == self.id as usize {
+        if (io.ctx >> 32) & 0xffff == u64::from(self.id) {
             self.piece_done(io);
-            return;
-        }
-        match self.shared.fronts.get(front).and_then(OnceLock::get) {
-            Some(ring) => {
-                if let Err(back) = ring.push(io) {
-                    self.foreign.push(back);
-                }
-            }
-            None => tracing::error!(front, "cache: a piece names a channel that does not exist; dropped"),
+        } else if let Err(back) = self.shared.deliver_to_front(io) {
+            self.foreign.push(back);
         }
     }
 
@@ -683,14 +687,15 @@ impl StripedChannel {
 
     /// Flush on a cache whose shards have all stopped: answer from their final state.
     fn flush_after_stop(&self) -> Option<IoStatus> {
-        let states: Vec<u8> = self.shared.shards.iter().map(|s| s.state.load(Ordering::Acquire)).collect();
-        if states.iter().all(|&s| s == SHARD_DONE_CLEAN) {
-            return Some(IoStatus::Success);
+        let mut all_clean = true;
+        for s in self.shared.shards.iter() {
+            match s.state.load(Ordering::Acquire) {
+                SHARD_DONE_CLEAN => {}
+                SHARD_DONE_DIRTY => all_clean = false,
+                _ => return None,
+            }
         }
-        if states.iter().all(|&s| s >= SHARD_DONE_CLEAN) {
-            return Some(IoStatus::Failed(IoError::Aborted));
-        }
-        None
+        Some(if all_clean { IoStatus::Success } else { IoStatus::Failed(IoError::Aborted) })
     }
 }
 
@@ -712,9 +717,8 @@ impl IoChannel for StripedChannel {
         } else if !io.op.has_data() {
             1
         } else {
-            let mut n = 0usize;
-            stripes.split(start, end, |_| n += 1);
-            n
+            // At most two: the max transfer across reactors is one stripe.
+            2
         };
         if self.free_parents.is_empty() || self.free_pieces.len() < needed || self.done.len() >= self.depth as usize {
             return Err(Rejected { io, why: SubmitError::Busy });
@@ -803,20 +807,24 @@ impl IoChannel for StripedChannel {
         while let Some(piece) = self.ring().and_then(ArrayQueue::pop) {
             self.piece_done(piece);
         }
-        // The local fast path: reap the same-thread engines directly, routing other channels' pieces to their rings.
+        // The local fast path: reap the same-thread engine (a thread runs one reactor, so at most one shard) directly,
+        // routing other channels' pieces to their rings.
         for _ in 0..self.foreign.len() {
             let io = self.foreign.remove(0);
             self.route(u32::MAX, io);
         }
-        for shard in 0..self.shared.shards.len() as u32 {
-            let Some(mut engine) = self.local_engine(shard) else { continue };
-            let mut reaped = std::mem::take(&mut self.reaped);
-            // SAFETY: as in `send`: the same-thread engine, whose poller is not running now.
-            unsafe { engine.as_mut() }.poll(&mut reaped);
-            for io in reaped.drain(..) {
-                self.route(shard, io);
+        let me = thread_tag();
+        let local = self.shared.shards.iter().position(|s| s.thread.load(Ordering::Acquire) == me);
+        if let Some(shard) = local.map(|i| i as u32) {
+            if let Some(mut engine) = self.local_engine(shard) {
+                let mut reaped = std::mem::take(&mut self.reaped);
+                // SAFETY: as in `send`: the same-thread engine, whose poller is not running now.
+                unsafe { engine.as_mut() }.poll(&mut reaped);
+                for io in reaped.drain(..) {
+                    self.route(shard, io);
+                }
+                self.reaped = reaped;
             }
-            self.reaped = reaped;
         }
         let room = out.capacity() - out.len();
         let n = room.min(self.done.len());

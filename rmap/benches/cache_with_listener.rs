@@ -15,11 +15,10 @@ use nvstack_blockdev::bdev::{run_sync, ChannelOpts};
 use nvstack_blockdev::malloc::MallocBdev;
 use nvstack_blockdev::{BlockDev, IoChannel, IoDesc, IoOp, IoStatus};
 use nvstack_cache::{CacheBdev, CacheConfig};
-use nvstack_driver::dma::{Arena, ArenaConfig, BufPool, IOVA_BASE};
+use nvstack_driver::dma::{Arena, ArenaConfig, BufPool};
 use nvstack_rmap::cache::CacheMaps;
 use nvstack_rmap::journal::Journal;
 use nvstack_rmap::listener::{PoisonPath, DEFAULT_POLL_PERIOD};
-use nvstack_rmap::translate::Mapping;
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -92,13 +91,7 @@ fn main() {
         })
         .collect();
     let path = PoisonPath::new(Journal::new(64, None).expect("journal"));
-    for r in arena.regions() {
-        path.translator.add(Mapping { device: "arena".into(), vaddr: Some(r.host_addr), len: r.len, device_offset: r.iova - IOVA_BASE, phys: None });
-    }
-    let maps = CacheMaps::new("arena");
-    maps.add(cache.name(), &cache);
-    path.registry.register(Arc::clone(&maps) as Arc<dyn nvstack_rmap::owner::Rmap>);
-    path.add_target(maps as Arc<dyn nvstack_rmap::action::ActionTarget>);
+    CacheMaps::attach(&path, &arena).add(cache.name(), &cache);
     println!("cache hits (4 KiB random reads, QD32, one core, {secs} s per run) with and without the poison listener");
     let (mut without, mut with) = (Vec::new(), Vec::new());
     for r in 1..=rounds {

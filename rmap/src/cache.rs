@@ -19,10 +19,14 @@ use std::sync::{Arc, RwLock, Weak};
 use nvstack_cache::{Bits, CacheBdev};
 
 use crate::action::ActionTarget;
+use crate::listener::PoisonPath;
 use crate::owner::{Owner, OwnerPiece, Rmap};
 use crate::RmapError;
 
 const PAGE: u64 = 4096;
+
+/// The device name arena memory is known by in the poison path.
+pub const ARENA_DEVICE: &str = "arena";
 
 /// Most pages one query walks (a 1 GiB hugepage event would be 262144 pages: the rest is left unanswered).
 pub const MAX_PAGES_PER_QUERY: u64 = 4096;
@@ -46,6 +50,16 @@ impl CacheMaps {
         Arc::new(CacheMaps { device: device.to_string(), caches: RwLock::new(Vec::new()) })
     }
 
+    /// Hook the caches of `arena` into `path`: the arena goes into the translator as [`ARENA_DEVICE`], and the
+    /// returned (still empty) map is registered as that device's reverse map and action target. Add caches to it.
+    pub fn attach(path: &PoisonPath, arena: &nvstack_driver::dma::Arena) -> Arc<CacheMaps> {
+        path.translator.add_arena(ARENA_DEVICE, arena);
+        let maps = CacheMaps::new(ARENA_DEVICE);
+        path.registry.register(Arc::clone(&maps) as Arc<dyn Rmap>);
+        path.add_target(Arc::clone(&maps) as Arc<dyn ActionTarget>);
+        maps
+    }
+
     /// Answer for `cache` (named `name`) too. Holds it weakly: a deleted cache drops out by itself.
     pub fn add(&self, name: &str, cache: &Arc<CacheBdev>) {
         if let Ok(mut v) = self.caches.write() {
@@ -61,46 +75,48 @@ impl CacheMaps {
         }
     }
 
-    fn live(&self) -> Vec<(String, Arc<CacheBdev>)> {
-        self.caches.read().map(|v| v.iter().filter_map(|(n, w)| w.upgrade().map(|c| (n.clone(), c))).collect()).unwrap_or_default()
-    }
-
-    fn pages(offset: u64, len: u64) -> impl Iterator<Item = u64> {
+    /// Call `f(arena page offset, cache name, cache)` for each 4 KiB page of `[offset, offset+len)` (at most
+    /// [`MAX_PAGES_PER_QUERY`]) that lies in a live cache's slots; stops at the first error.
+    fn for_each_page<E>(&self, offset: u64, len: u64, mut f: impl FnMut(u64, &str, &CacheBdev) -> Result<(), E>) -> Result<(), E> {
+        let caches: Vec<(String, Arc<CacheBdev>)> =
+            self.caches.read().map(|v| v.iter().filter_map(|(n, w)| w.upgrade().map(|c| (n.clone(), c))).collect()).unwrap_or_default();
         let first = offset / PAGE;
         let last = offset.saturating_add(len.max(1)).div_ceil(PAGE).min(first.saturating_add(MAX_PAGES_PER_QUERY));
-        (first..last).map(|p| p * PAGE)
+        for page in (first..last).map(|p| p * PAGE) {
+            for (name, cache) in &caches {
+                if cache.owns_arena_offset(page).is_some() {
+                    f(page, name, cache)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Poison every cache page of `[offset, offset+len)`: what [`ActionTarget::drop_and_refetch`] and
     /// [`ActionTarget::mark_ioerr`] both do.
     fn poison(&self, offset: u64, len: u64) -> Result<(), String> {
-        let caches = self.live();
         let mut done = 0u64;
         let mut errors = Vec::new();
-        for page in Self::pages(offset, len) {
-            for (name, cache) in &caches {
-                if cache.owns_arena_offset(page).is_none() {
-                    continue;
+        let _ = self.for_each_page(offset, len, |page, name, cache| -> Result<(), ()> {
+            match cache.poison_arena_page(page) {
+                Ok(Some(p)) => {
+                    done += 1;
+                    tracing::warn!(
+                        cache = name,
+                        arena_offset = page,
+                        device_start = p.start,
+                        dirty_bytes = p.dirty_bytes,
+                        first_dirtier = ?p.first_dirtier.map(|t| t.client),
+                        retired = p.slot_retired,
+                        "cache page poisoned: {}",
+                        if p.dirty_bytes > 0 { "dirty data lost, range marked IOERR" } else { "clean data dropped, refetched on the next read" }
+                    );
                 }
-                match cache.poison_arena_page(page) {
-                    Ok(Some(p)) => {
-                        done += 1;
-                        tracing::warn!(
-                            cache = name.as_str(),
-                            arena_offset = page,
-                            device_start = p.start,
-                            dirty_bytes = p.dirty_bytes,
-                            first_dirtier = ?p.first_dirtier.map(|t| t.client),
-                            retired = p.slot_retired,
-                            "cache page poisoned: {}",
-                            if p.dirty_bytes > 0 { "dirty data lost, range marked IOERR" } else { "clean data dropped, refetched on the next read" }
-                        );
-                    }
-                    Ok(None) => {}
-                    Err(e) => errors.push(format!("{name}: {e}")),
-                }
+                Ok(None) => {}
+                Err(e) => errors.push(format!("{name}: {e}")),
             }
-        }
+            Ok(())
+        });
         if errors.is_empty() {
             tracing::info!(pages = done, "cache poison action done");
             Ok(())
@@ -118,48 +134,29 @@ impl Rmap for CacheMaps {
         &self.device
     }
     fn owners(&self, offset: u64, len: u64, out: &mut Vec<OwnerPiece>) -> Result<(), RmapError> {
-        let caches = self.live();
-        for page in Self::pages(offset, len) {
-            for (name, cache) in &caches {
-                if cache.owns_arena_offset(page).is_none() {
-                    continue;
-                }
-                let ask = |step: &'static str, source: nvstack_cache::CacheError| RmapError::CacheQuery {
-                    cache: name.clone(),
-                    arena_offset: page,
-                    step,
-                    source,
-                };
-                let Some((start, end)) = cache.device_range_of(page).map_err(|e| ask("device range", e))? else { continue };
-                let pieces = cache.query_range(start, end).map_err(|e| ask("state", e))?;
-                let dirty = pieces.iter().find(|p| p.state.bits.contains(Bits::DIRTY));
-                if pieces.iter().all(|p| !p.state.bits.contains(Bits::UPTODATE) && !p.state.bits.contains(Bits::DIRTY)) {
-                    continue; // A slot given to a page whose fill has not landed: nothing cached yet.
-                }
-                out.push(OwnerPiece {
-                    device: self.device.clone(),
-                    offset: page,
-                    len: PAGE,
-                    owner: Owner::CachePage {
-                        page_index: page / PAGE,
-                        dirty: dirty.is_some(),
-                        first_dirtier: dirty.map(|p| u32::from(p.state.tag.client)),
-                        dirtied_at_ms: dirty.map(|p| u64::from(p.state.tag.time)),
-                    },
-                    rmap: "cache".into(),
-                    depth: 0,
-                });
-                out.push(OwnerPiece {
-                    device: self.device.clone(),
-                    offset: page,
-                    len: PAGE,
-                    owner: Owner::Volume { name: name.clone(), offset: start },
-                    rmap: "cache".into(),
-                    depth: 0,
-                });
+        self.for_each_page(offset, len, |page, name, cache| {
+            let ask = |step: &'static str, source: nvstack_cache::CacheError| RmapError::CacheQuery {
+                cache: name.to_string(),
+                arena_offset: page,
+                step,
+                source,
+            };
+            let Some((start, end)) = cache.device_range_of(page).map_err(|e| ask("device range", e))? else { return Ok(()) };
+            let pieces = cache.query_range(start, end).map_err(|e| ask("state", e))?;
+            if pieces.iter().all(|p| !p.state.bits.contains(Bits::UPTODATE) && !p.state.bits.contains(Bits::DIRTY)) {
+                return Ok(()); // A slot given to a page whose fill has not landed: nothing cached yet.
             }
-        }
-        Ok(())
+            let dirty = pieces.iter().find(|p| p.state.bits.contains(Bits::DIRTY));
+            let piece = |owner| OwnerPiece { device: self.device.clone(), offset: page, len: PAGE, owner, rmap: "cache".into(), depth: 0 };
+            out.push(piece(Owner::CachePage {
+                page_index: page / PAGE,
+                dirty: dirty.is_some(),
+                first_dirtier: dirty.map(|p| u32::from(p.state.tag.client)),
+                dirtied_at_ms: dirty.map(|p| u64::from(p.state.tag.time)),
+            }));
+            out.push(piece(Owner::Volume { name: name.to_string(), offset: start }));
+            Ok(())
+        })
     }
 }
 

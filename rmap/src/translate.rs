@@ -54,6 +54,15 @@ const PM_PFN_MASK: u64 = (1 << 55) - 1;
 const PM_PRESENT: u64 = 1 << 63;
 
 impl Translator {
+    /// Register the DMA arena as device `device`: addresses in it translate to offsets inside the arena (its IOVA
+    /// minus [`nvstack_driver::dma::IOVA_BASE`]), the coordinates the cache's reverse map answers in.
+    pub fn add_arena(&self, device: &str, arena: &nvstack_driver::dma::Arena) {
+        for r in arena.regions() {
+            let device_offset = r.iova.saturating_sub(nvstack_driver::dma::IOVA_BASE);
+            self.add(Mapping { device: device.to_string(), vaddr: Some(r.host_addr), len: r.len, device_offset, phys: None });
+        }
+    }
+
     /// An empty translator.
     pub fn new() -> Translator {
         Translator::default()

@@ -13,13 +13,12 @@ use nvstack_blockdev::malloc::MallocBdev;
 use nvstack_blockdev::reactor::{ReactorConfig, Reactors};
 use nvstack_blockdev::{BlockDev, IoChannel, IoDesc, IoError, IoOp, IoStatus};
 use nvstack_cache::{CacheBdev, CacheConfig};
-use nvstack_driver::dma::{Arena, ArenaConfig, BufPool, IOVA_BASE};
+use nvstack_driver::dma::{Arena, ArenaConfig, BufPool};
 use nvstack_driver::pmem::mc_copy::inject_synthetic_sigbus;
 use nvstack_rmap::cache::CacheMaps;
 use nvstack_rmap::journal::{Action, Journal, PoisonEvent, Source};
 use nvstack_rmap::listener::PoisonPath;
 use nvstack_rmap::owner::{Owner, VolumeMap};
-use nvstack_rmap::translate::Mapping;
 
 const MIB: u64 = 1 << 20;
 const BS: u64 = 512;
@@ -92,13 +91,7 @@ fn arena_poison_under_cache_pages_drops_clean_and_loses_dirty() {
     assert_eq!(io.run(IoOp::Write, MIB, Some(&b), 64 << 10).0, IoStatus::Success);
 
     let path = PoisonPath::new(Journal::new(64, None).expect("journal"));
-    for r in arena.regions() {
-        path.translator.add(Mapping { device: "arena".into(), vaddr: Some(r.host_addr), len: r.len, device_offset: r.iova - IOVA_BASE, phys: None });
-    }
-    let maps = CacheMaps::new("arena");
-    maps.add(&name, &cache);
-    path.registry.register(Arc::clone(&maps) as Arc<dyn nvstack_rmap::owner::Rmap>);
-    path.add_target(Arc::clone(&maps) as Arc<dyn nvstack_rmap::action::ActionTarget>);
+    CacheMaps::attach(&path, &arena).add(&name, &cache);
     // The volume above the cache: the chain goes arena → cache page → cache bdev → vol0.
     let vm = Arc::new(VolumeMap::new(&name));
     vm.add("vol0", 0, 4 * MIB).expect("volume");

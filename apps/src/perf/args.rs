@@ -59,7 +59,7 @@ impl Workload {
 /// Arguments of `nvstack perf`.
 #[derive(Debug, clap::Args)]
 pub struct PerfArgs {
-    /// The device: `null:SIZE`, `malloc:SIZE`, `file:PATH[:SIZE]` (later `nvme:BDF[/NSID]`, `pmem:PATH`, `cache:...`).
+    /// The device: `null:SIZE`, `malloc:SIZE`, `file:PATH[:SIZE]`, `nvme:BDF[/NSID]`, `pmem:PATH`, `cache:<any of these>`.
     #[arg(long = "bdev", value_name = "SPEC")]
     pub bdev: String,
     /// Queue depth per core: I/Os kept in flight.

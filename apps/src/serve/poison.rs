@@ -101,14 +101,8 @@ impl ServePoison {
         let journal = Journal::new(DEFAULT_JOURNAL_EVENTS, Some(&opts.log))
             .map_err(|e| AppError::Failed(format!("poison journal: {e}")))?;
         let path = PoisonPath::new(journal);
-        for r in arena.regions() {
-            let device_offset = r.iova.saturating_sub(nvstack_driver::dma::IOVA_BASE);
-            path.translator.add(Mapping { device: "arena".into(), vaddr: Some(r.host_addr), len: r.len, device_offset, phys: None });
-        }
         path.add_target(Arc::new(ApplianceTarget { registry: Arc::downgrade(registry) }));
-        let caches = CacheMaps::new("arena");
-        path.registry.register(Arc::clone(&caches) as Arc<dyn Rmap>);
-        path.add_target(Arc::clone(&caches) as Arc<dyn ActionTarget>);
+        let caches = CacheMaps::attach(&path, arena);
         registry.set_media_sink(Arc::clone(&path));
         if let Some(t) = &opts.tracefs {
             if let Err(e) = path.enable_tracefs(t) {
@@ -393,7 +387,7 @@ mod tests {
     fn maps_follow_the_registry() {
         let reg = Registry::new();
         let path = PoisonPath::new(Journal::new(8, None).unwrap());
-        let p = ServePoison { path, caches: CacheMaps::new("arena"), known: Mutex::new(BTreeMap::new()), allow_inject: false, listener: Mutex::new(None), log: PathBuf::new() };
+        let p = ServePoison { path, caches: CacheMaps::new(nvstack_rmap::cache::ARENA_DEVICE), known: Mutex::new(BTreeMap::new()), allow_inject: false, listener: Mutex::new(None), log: PathBuf::new() };
         reg.add_bdev_with(malloc("A"), "bdev_malloc_create", Value::Null, Default::default()).unwrap();
         reg.add_bdev_with(malloc("B"), "bdev_malloc_create", Value::Null, Default::default()).unwrap();
         reg.add_export("ea", "A", "", false).unwrap();
@@ -424,7 +418,7 @@ mod tests {
     fn media_errors_from_the_io_path_become_events() {
         let reg = Registry::new();
         let path = PoisonPath::new(Journal::new(8, None).unwrap());
-        let p = ServePoison { path, caches: CacheMaps::new("arena"), known: Mutex::new(BTreeMap::new()), allow_inject: false, listener: Mutex::new(None), log: PathBuf::new() };
+        let p = ServePoison { path, caches: CacheMaps::new(nvstack_rmap::cache::ARENA_DEVICE), known: Mutex::new(BTreeMap::new()), allow_inject: false, listener: Mutex::new(None), log: PathBuf::new() };
         let a = reg.add_bdev_with(malloc("A"), "bdev_malloc_create", Value::Null, Default::default()).unwrap();
         reg.add_export("ea", "A", "", false).unwrap();
         p.sync(&reg);

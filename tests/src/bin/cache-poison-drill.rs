@@ -20,12 +20,11 @@ use nvstack_blockdev::bdev::{run_sync, ChannelOpts};
 use nvstack_blockdev::reactor::{ReactorConfig, Reactors};
 use nvstack_blockdev::{BlockDev, IoChannel, IoDesc, IoError, IoOp, IoStatus};
 use nvstack_cache::{CacheBdev, CacheConfig};
-use nvstack_driver::dma::{Arena, ArenaConfig, BufPool, DmaBuf, IOVA_BASE};
+use nvstack_driver::dma::{Arena, ArenaConfig, BufPool, DmaBuf};
 use nvstack_rmap::cache::CacheMaps;
 use nvstack_rmap::journal::{Action, Journal, PoisonEvent};
 use nvstack_rmap::listener::PoisonPath;
 use nvstack_rmap::owner::VolumeMap;
-use nvstack_rmap::translate::Mapping;
 
 const MIB: u64 = 1 << 20;
 const HUGE: u64 = 2 * MIB;
@@ -162,13 +161,7 @@ fn run() -> Result<(), String> {
     println!("cache {} over nvme:{bdf}: 16 MiB of pages on {:?}", cache.name(), arena.backing());
 
     let path = PoisonPath::new(Journal::new(256, None).map_err(|e| e.to_string())?);
-    for r in arena.regions() {
-        path.translator.add(Mapping { device: "arena".into(), vaddr: Some(r.host_addr), len: r.len, device_offset: r.iova - IOVA_BASE, phys: None });
-    }
-    let maps = CacheMaps::new("arena");
-    maps.add(cache.name(), &cache);
-    path.registry.register(Arc::clone(&maps) as Arc<dyn nvstack_rmap::owner::Rmap>);
-    path.add_target(maps as Arc<dyn nvstack_rmap::action::ActionTarget>);
+    CacheMaps::attach(&path, &arena).add(cache.name(), &cache);
     let vm = Arc::new(VolumeMap::new(cache.name()));
     vm.add("vol0", 0, cache.geometry().size_bytes()).map_err(|e| e.to_string())?;
     path.registry.register(vm);
