@@ -375,6 +375,11 @@ impl IoDesc {
         out.append(&mut self.bufs);
     }
 
+    /// Forget the segments after the first `n` (raw ones pushed last; owned buffers' segments always stay).
+    pub fn truncate_segs(&mut self, n: usize) {
+        self.segs.truncate(n.max(self.bufs.len()));
+    }
+
     /// Forget the segments, keeping owned buffers (only valid when all segments were raw ones).
     pub fn clear_raw_segs(&mut self) {
         self.segs.truncate(self.bufs.len());

@@ -86,6 +86,10 @@ pub struct CacheStats {
     pub evictions: AtomicU64,
     /// Backing reads issued for misses.
     pub fill_ios: AtomicU64,
+    /// Read hits from another reactor answered with a loan of the pages (the caller copied on its own core).
+    pub loans: AtomicU64,
+    /// Writes and invalidations that waited for a loan of their pages to end.
+    pub loan_waits: AtomicU64,
 }
 
 impl CacheStats {
@@ -99,6 +103,8 @@ impl CacheStats {
             (&self.writeback_bytes, &other.writeback_bytes),
             (&self.evictions, &other.evictions),
             (&self.fill_ios, &other.fill_ios),
+            (&self.loans, &other.loans),
+            (&self.loan_waits, &other.loan_waits),
         ] {
             a.fetch_add(b.load(Ordering::Relaxed), Ordering::Relaxed);
         }
@@ -401,6 +407,8 @@ pub struct CacheChannel {
     interval: Duration,
     dirty_high_bytes: u64,
     stats: Arc<CacheStats>,
+    /// Read loans made so far (0: no page was ever lent, so writes skip the pin checks).
+    loans: u64,
 }
 
 // SAFETY: the channel is used by one thread at a time (the IoChannel contract). Its raw pointers (page memory,
@@ -518,6 +526,7 @@ impl CacheChannel {
             interval: dev.cfg.writeback_interval,
             dirty_high_bytes: u64::from(npages) * PAGE_BYTES * u64::from(dev.cfg.dirty_high_pct.min(100)) / 100,
             stats: Arc::clone(dev.shared.shard_stats(dev.shard)),
+            loans: 0,
         }))
     }
 
@@ -613,6 +622,60 @@ impl CacheChannel {
                 soff = 0;
             }
         }
+    }
+
+    /// A read hit for another reactor: instead of copying into the caller's buffer (whose cache lines live on the
+    /// caller's core), pin the pages and append their addresses to the piece's segments; the caller copies on its
+    /// own core and unpins ([`crate::pages::PinTable::unpin_addr`]). Only for pieces whose channel asked for it
+    /// (`LEND_OK` in `ctx2`) and that have room for one more segment per page. False: copy as usual.
+    fn lend(&mut self, r: u32) -> bool {
+        use crate::striped::{LENT, LEND_OK};
+        let (s, e) = req_range(&self.reqs[r as usize]);
+        let Some(io) = self.reqs[r as usize].io.as_mut() else { return false };
+        if !self.striped_shard || io.ctx2 & LEND_OK == 0 {
+            return false;
+        }
+        let (first, last) = (s / PAGE_BYTES, e.div_ceil(PAGE_BYTES));
+        let own = io.segs().len();
+        if own + (last - first) as usize > io.seg_capacity() || own > 0xffff {
+            return false;
+        }
+        let mut dev = s;
+        while dev < e {
+            let poff = dev % PAGE_BYTES;
+            let chunk = (PAGE_BYTES - poff).min(e - dev);
+            let got = self.pages.lookup(dev / PAGE_BYTES).and_then(|slot| Some((slot, self.pages.ptr(slot, poff, chunk)?)));
+            let Some((slot, (ptr, iova))) = got else {
+                tracing::error!(dev, "cache: page missing during a read loan");
+                break;
+            };
+            // SAFETY: the pointer is inside a cache slot (ptr checked it) that stays ours while pinned; the piece
+            // has room (checked above), so nothing reallocates.
+            if unsafe { io.push_seg_raw(ptr, iova, chunk as u32) }.is_err() {
+                break;
+            }
+            self.pages.pin(slot);
+            self.pages.touch(slot);
+            dev += chunk;
+        }
+        if dev < e {
+            // Give back what was pinned and copy instead.
+            for seg in &io.segs()[own..] {
+                self.pages.pin_table().unpin_addr(seg.ptr().as_ptr() as usize);
+            }
+            io.truncate_segs(own);
+            return false;
+        }
+        io.ctx2 = LENT | (u64::from(self.shard) << 32) | own as u64;
+        self.loans += 1;
+        self.stats.loans.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Whether some page of `[start, end)` is lent to another reactor now (its bytes must not change).
+    fn range_pinned(&self, start: u64, end: u64) -> bool {
+        self.loans != 0
+            && (start / PAGE_BYTES..end.div_ceil(PAGE_BYTES)).any(|p| self.pages.lookup(p).is_some_and(|s| self.pages.pinned(s)))
     }
 
     /// Give every page overlapping `[start, end)` a slot. False when some page could not get one.
@@ -865,7 +928,9 @@ impl CacheChannel {
                 }
                 if self.tree.test(s, e, Bits::UPTODATE, Test::All) {
                     self.stats.hits.fetch_add(1, Ordering::Relaxed);
-                    self.copy_user(r, false);
+                    if !self.lend(r) {
+                        self.copy_user(r, false);
+                    }
                     self.complete(r, IoStatus::Success);
                     return;
                 }
@@ -964,6 +1029,11 @@ impl CacheChannel {
     }
 
     fn write_locked(&mut self, r: u32, s: u64, e: u64, flags: IoFlags) {
+        if self.range_pinned(s, e) {
+            // Another reactor is copying out of these pages: wait for it.
+            self.stats.loan_waits.fetch_add(1, Ordering::Relaxed);
+            return self.retry_later(r);
+        }
         match self.ensure_pages(s, e) {
             Ok(true) => {}
             Ok(false) => return self.retry_later(r),
@@ -1000,6 +1070,11 @@ impl CacheChannel {
     fn direct_begin(&mut self, r: u32, op: IoOp) {
         let (s, e) = req_range(&self.reqs[r as usize]);
         if op != IoOp::Read {
+            if self.range_pinned(s, e) {
+                // Another reactor is copying out of these pages: their slots must not be dropped and refilled yet.
+                self.stats.loan_waits.fetch_add(1, Ordering::Relaxed);
+                return self.retry_later(r);
+            }
             if let Err(er) = self.tree.clear(s, e, Bits::UPTODATE | Bits::DIRTY | Bits::IOERR) {
                 tracing::error!(error = %er, "cache: direct write: state tree full");
                 return self.retry_later(r);
@@ -1207,6 +1282,11 @@ impl CacheChannel {
     /// Whether device page `p` has a cache slot.
     pub fn holds_page(&self, p: u64) -> bool {
         self.pages.lookup(p).is_some()
+    }
+
+    /// The pin counts of this engine's pages (read loans to other reactors).
+    pub(crate) fn pin_table(&self) -> &Arc<crate::pages::PinTable> {
+        self.pages.pin_table()
     }
 
     /// The arena byte range of this engine's pages.

@@ -13,6 +13,11 @@
 //! again at the next poll. FLUSH fans out to every shard; each writes back what is dirty and flushes the backing, and
 //! the request completes when all have answered.
 //!
+//! Read loans: a read hit that travelled from another reactor is not copied by the shard (the caller's buffer lives
+//! in the caller's core's cache, and writing it from here would pull every line across). The shard pins the pages
+//! and appends their addresses to the piece's segments (`LENT` in `ctx2`); the channel copies on its own core and
+//! unpins. The shard keeps writes, invalidations and eviction off pinned pages (`crate::pages::PinTable`).
+//!
 //! The control path (the poison path's reverse queries and actions) sends closures to a shard's control ring and
 //! waits for the answer with a deadline. A single-reactor cache ([`CacheBdev::new`]) has the same control ring,
 //! drained by its one channel's `poll`.
@@ -29,10 +34,11 @@ use std::time::{Duration, Instant};
 use crossbeam_queue::ArrayQueue;
 use nvstack_blockdev::bdev::{validate, ChannelOpts, Rejected};
 use nvstack_blockdev::reactor::{Msg, PollOutcome, Poller, ReactorCtx, Reactors};
-use nvstack_blockdev::{BlockDev, Features, Geometry, IoChannel, IoDesc, IoError, IoOp, IoStatus, SubmitError};
+use nvstack_blockdev::{BlockDev, Features, Geometry, IoChannel, IoDesc, IoError, IoFlags, IoOp, IoStatus, SubmitError};
 use nvstack_driver::dma::Arena;
 
 use crate::bdev::{CacheBdev, CacheChannel, CacheConfig, CacheStats};
+use crate::pages::PinTable;
 use crate::stripe::{seg_slices, StripeMap};
 use crate::CacheError;
 
@@ -42,6 +48,13 @@ pub const DEFAULT_STRIPE_BYTES: u64 = 1 << 20;
 pub const MAX_USER_SEGS: u32 = 32;
 /// Most channels open at once on one striped cache (a limit in DESIGN.md).
 pub const MAX_CHANNELS: usize = 64;
+/// `ctx2` of a piece: the channel takes a read loan instead of a copy (set by the channel on remote read pieces).
+pub(crate) const LEND_OK: u64 = 1 << 63;
+/// `ctx2` of a finished piece: the pages are lent; segments from index `ctx2 & 0xffff` on are the pages' bytes, in
+/// order, and bits 32..48 name the shard whose pins to drop.
+pub(crate) const LENT: u64 = 1 << 62;
+/// How long a stopping shard waits for channels to end their read loans before it leaks its pages instead.
+const LOAN_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Entries in each shard's inbox and each channel's completion ring.
 const RING_ENTRIES: usize = 8192;
 /// Entries in each shard's control ring.
@@ -76,6 +89,8 @@ pub(crate) struct ShardSlot {
     thread: AtomicU64,
     /// The shard's final flush, when a same-thread channel reaped it from the engine.
     final_back: ArrayQueue<Box<IoDesc>>,
+    /// The pin counts of the shard's pages (channels end read loans through it).
+    pins: OnceLock<Arc<PinTable>>,
 }
 
 /// A number naming the current thread (never 0), cheap to read on the I/O path.
@@ -114,6 +129,7 @@ impl Shared {
                     engine: AtomicPtr::new(std::ptr::null_mut()),
                     thread: AtomicU64::new(0),
                     final_back: ArrayQueue::new(1),
+                    pins: OnceLock::new(),
                 })
                 .collect(),
             stripes,
@@ -258,6 +274,7 @@ impl CacheBdev {
                         if let Some(r) = engine.arena_range() {
                             shared.set_arena_range(shard, r);
                         }
+                        let _ = shared.shards[shard as usize].pins.set(Arc::clone(engine.pin_table()));
                         shared.shards[shard as usize].state.store(SHARD_RUNNING, Ordering::Release);
                         ctx.add_poller(Box::new(ShardPoller::new(shared, shard, engine)));
                         let _ = tx.send((shard, Ok(())));
@@ -320,6 +337,10 @@ struct ShardPoller {
     /// Shutdown: the final flush descriptor (None until shutdown, then in the engine, then back).
     final_flush: Option<Box<IoDesc>>,
     final_state: FinalFlush,
+    /// Shutdown: when to stop waiting for read loans to end.
+    loan_deadline: Option<Instant>,
+    /// Loans outlived the deadline: the engine (and its pages) is leaked, not freed, so late copies stay safe.
+    leak_engine: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -348,6 +369,8 @@ impl ShardPoller {
             undelivered: Vec::with_capacity(64),
             final_flush: Some(IoDesc::new(1)),
             final_state: FinalFlush::NotStarted,
+            loan_deadline: None,
+            leak_engine: false,
         }
     }
 
@@ -454,7 +477,16 @@ impl Poller for ShardPoller {
                 }
                 FinalFlush::InFlight => {}
                 FinalFlush::Done if engine_idle && self.undelivered.is_empty() => {
-                    return PollOutcome::Done;
+                    // Pages still lent to channels must outlive their copies.
+                    if !self.engine().pin_table().any() {
+                        return PollOutcome::Done;
+                    }
+                    let deadline = *self.loan_deadline.get_or_insert_with(|| Instant::now() + LOAN_DRAIN_TIMEOUT);
+                    if Instant::now() >= deadline {
+                        tracing::error!(shard = self.shard, "cache shard stopping with pages still lent; leaking them");
+                        self.leak_engine = true;
+                        return PollOutcome::Done;
+                    }
                 }
                 FinalFlush::Done => {}
             }
@@ -473,6 +505,9 @@ impl Drop for ShardPoller {
         // No channel may reach the engine any more (they run on this thread, so none is inside it now).
         self.slot().engine.store(std::ptr::null_mut(), Ordering::Release);
         self.slot().thread.store(0, Ordering::Release);
+        if self.leak_engine {
+            return;
+        }
         // SAFETY: the pointer came from `Box::leak` in `new` and nothing else frees it.
         drop(unsafe { Box::from_raw(self.engine.as_ptr()) });
     }
@@ -573,6 +608,7 @@ impl StripedChannel {
     }
 
     fn send(&mut self, shard: u32, mut piece: Box<IoDesc>) {
+        piece.ctx2 = 0;
         if self.unsent.is_empty() {
             if let Some(mut engine) = self.local_engine(shard) {
                 // SAFETY: the engine belongs to the shard poller of this very thread, which is not running now (we
@@ -599,6 +635,10 @@ impl StripedChannel {
             self.piece_done(piece);
             return;
         }
+        if piece.op == IoOp::Read && !piece.flags.contains(IoFlags::DIRECT) {
+            // Another reactor: a hit comes back as a loan of its pages, copied here on this core.
+            piece.ctx2 = LEND_OK;
+        }
         if !self.unsent.is_empty() {
             // Keep order behind earlier refused pieces.
             self.unsent.push_back((shard, piece));
@@ -609,7 +649,46 @@ impl StripedChannel {
         }
     }
 
+    /// A read piece came back as a loan: copy the lent page bytes into the caller's segments, then end the loan.
+    fn take_loan(&self, piece: &IoDesc) {
+        let own = (piece.ctx2 & 0xffff) as usize;
+        let shard = ((piece.ctx2 >> 32) & 0xffff) as usize;
+        let segs = piece.segs();
+        let (dst, src) = segs.split_at(own.min(segs.len()));
+        let (mut di, mut doff) = (0usize, 0usize);
+        for s in src {
+            let mut soff = 0usize;
+            while soff < s.len() as usize && di < dst.len() {
+                let d = dst[di];
+                let n = (s.len() as usize - soff).min(d.len() as usize - doff);
+                // SAFETY: both ranges are inside their segments (bounded by each length above). The destination is
+                // the caller's buffer, lent to us until its request completes (after this); the source is a cache
+                // page pinned for us by its shard, which changes no pinned byte until we unpin below.
+                unsafe { std::ptr::copy_nonoverlapping(s.ptr().as_ptr().add(soff), d.ptr().as_ptr().add(doff), n) };
+                soff += n;
+                doff += n;
+                if doff == d.len() as usize {
+                    di += 1;
+                    doff = 0;
+                }
+            }
+        }
+        let Some(pins) = self.shared.shards.get(shard).and_then(|s| s.pins.get()) else {
+            tracing::error!(shard, "cache: a read loan names a shard without pages");
+            return;
+        };
+        for s in src {
+            if !pins.unpin_addr(s.ptr().as_ptr() as usize) {
+                tracing::error!(shard, "cache: a read loan names a page that was not lent");
+            }
+        }
+    }
+
     fn piece_done(&mut self, mut piece: Box<IoDesc>) {
+        if piece.ctx2 & LENT != 0 {
+            self.take_loan(&piece);
+            piece.ctx2 = 0;
+        }
         let p = (piece.ctx & 0xffff_ffff) as usize;
         let status = piece.status;
         piece.clear_raw_segs();

@@ -504,6 +504,8 @@ fn run(seed: u64, file: bool, ops: u32) {
     // The run exercised both paths: hits and misses, evictions (4 MiB through 1 MiB) and writebacks.
     assert!(stats.hits.load(Ordering::Relaxed) > 0 && stats.misses.load(Ordering::Relaxed) > 0);
     assert!(stats.writeback_ios.load(Ordering::Relaxed) > 0);
+    // Remote read hits come back as loans of the shard's pages (copied by the caller's reactor).
+    assert!(stats.loans.load(Ordering::Relaxed) > 0, "no read loan was made");
 }
 
 proptest! {

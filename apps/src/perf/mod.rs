@@ -118,6 +118,8 @@ fn cache_json(st: &CacheStats) -> serde_json::Value {
         "writeback_avg_bytes": st.writeback_avg_bytes(),
         "evictions": st.evictions.load(Ordering::Relaxed),
         "fill_ios": st.fill_ios.load(Ordering::Relaxed),
+        "read_loans": st.loans.load(Ordering::Relaxed),
+        "loan_waits": st.loan_waits.load(Ordering::Relaxed),
     })
 }
 
@@ -126,7 +128,7 @@ fn print_cache_text(out: &mut dyn Write, st: &CacheStats) -> std::io::Result<()>
     writeln!(out)?;
     writeln!(
         out,
-        "Cache: hits {}, misses {}, dirty bytes {}, writeback I/Os {} (avg {} bytes), evictions {}, fill I/Os {}",
+        "Cache: hits {}, misses {}, dirty bytes {}, writeback I/Os {} (avg {} bytes), evictions {}, fill I/Os {}, read loans {} ({} waits)",
         st.hits.load(Ordering::Relaxed),
         st.misses.load(Ordering::Relaxed),
         st.dirty_bytes.load(Ordering::Relaxed),
@@ -134,6 +136,8 @@ fn print_cache_text(out: &mut dyn Write, st: &CacheStats) -> std::io::Result<()>
         st.writeback_avg_bytes(),
         st.evictions.load(Ordering::Relaxed),
         st.fill_ios.load(Ordering::Relaxed),
+        st.loans.load(Ordering::Relaxed),
+        st.loan_waits.load(Ordering::Relaxed),
     )
 }
 
