@@ -33,6 +33,7 @@ use nvstack_blockdev::bdev::{validate, ChannelOpts, Rejected};
 use nvstack_blockdev::{BdevError, BlockDev, Features, Geometry, IoChannel, IoDesc, IoError, IoFlags, IoOp, IoStatus, SubmitError};
 use nvstack_driver::dma::Arena;
 
+use crate::loans::LoanBook;
 use crate::pages::{Pages, PAGE_BYTES};
 use crate::striped::{CacheCounters, Shared};
 use crate::tree::lock::LockOutcome;
@@ -407,8 +408,8 @@ pub struct CacheChannel {
     interval: Duration,
     dirty_high_bytes: u64,
     stats: Arc<CacheStats>,
-    /// Read loans made so far (0: no page was ever lent, so writes skip the pin checks).
-    loans: u64,
+    /// The pages lent to channels on other reactors (a shard of a striped cache with more than one shard).
+    book: Option<LoanBook>,
 }
 
 // SAFETY: the channel is used by one thread at a time (the IoChannel contract). Its raw pointers (page memory,
@@ -526,7 +527,7 @@ impl CacheChannel {
             interval: dev.cfg.writeback_interval,
             dirty_high_bytes: u64::from(npages) * PAGE_BYTES * u64::from(dev.cfg.dirty_high_pct.min(100)) / 100,
             stats: Arc::clone(dev.shared.shard_stats(dev.shard)),
-            loans: 0,
+            book: (dev.shared.is_striped() && dev.shared.shard_count() > 1).then(|| LoanBook::new(crate::striped::MAX_CHANNELS)),
         }))
     }
 
@@ -590,92 +591,94 @@ impl CacheChannel {
     /// Copy between the request's segments and the pages for its whole range.
     fn copy_user(&mut self, r: u32, into_pages: bool) {
         let req = &self.reqs[r as usize];
-        let Some(io) = req.io.as_ref() else { return };
-        let (mut dev, end) = (req.start, req.end);
-        let segs = io.segs();
-        let (mut si, mut soff) = (0usize, 0u64);
-        while dev < end && si < segs.len() {
-            let seg = segs[si];
-            let poff = dev % PAGE_BYTES;
-            let chunk = (PAGE_BYTES - poff).min(end - dev).min(u64::from(seg.len()) - soff);
-            let Some(slot) = self.pages.lookup(dev / PAGE_BYTES) else {
-                tracing::error!(dev, "cache: page missing during copy");
-                return;
-            };
-            let Some((pp, _)) = self.pages.ptr(slot, poff, chunk) else { return };
-            // SAFETY: `pp..pp+chunk` is inside the slot (ptr checked it); the page is not under device I/O (the caller
-            // holds the range lock, or the bytes are UPTODATE and no I/O writes UPTODATE bytes). The segment bytes
-            // `soff..soff+chunk` are inside the segment, and the descriptor is in our hands until completion.
-            unsafe {
-                let up = seg.ptr().as_ptr().add(soff as usize);
-                if into_pages {
-                    std::ptr::copy_nonoverlapping(up, pp.as_ptr(), chunk as usize);
-                } else {
-                    std::ptr::copy_nonoverlapping(pp.as_ptr(), up, chunk as usize);
-                }
-            }
-            self.pages.touch(slot);
-            dev += chunk;
-            soff += chunk;
-            if soff == u64::from(seg.len()) {
-                si += 1;
-                soff = 0;
-            }
+        if let Some(io) = req.io.as_ref() {
+            copy_pages(&mut self.pages, io, req.start, req.end, into_pages);
         }
     }
 
+    /// A read that every byte of which is cached (and none bad) completes at once, without a request slot: the
+    /// striped cache's fast path for hits (same-thread requests, and pieces from other reactors, which get a loan
+    /// when they allow it). `None`: not such a read; submit it.
+    pub(crate) fn try_hit(&mut self, io: &mut IoDesc, may_lend: bool) -> Option<IoStatus> {
+        if io.op != IoOp::Read || io.flags.contains(IoFlags::DIRECT) {
+            return None;
+        }
+        let bs = u64::from(self.geo.block_size);
+        let s = io.offset_blocks.checked_mul(bs)?;
+        let e = s.checked_add(io.num_blocks.checked_mul(bs)?)?;
+        if self.tree.test(s, e, Bits::IOERR | Bits::POISONED, Test::Any) {
+            return Some(IoStatus::Failed(IoError::BadRange { offset_bytes: s, len_bytes: e - s }));
+        }
+        if !self.tree.test(s, e, Bits::UPTODATE, Test::All) {
+            return None;
+        }
+        self.stats.hits.fetch_add(1, Ordering::Relaxed);
+        if !(may_lend && self.lend_io(io, s, e)) {
+            copy_pages(&mut self.pages, io, s, e, false);
+        }
+        Some(IoStatus::Success)
+    }
+
     /// A read hit for another reactor: instead of copying into the caller's buffer (whose cache lines live on the
-    /// caller's core), pin the pages and append their addresses to the piece's segments; the caller copies on its
-    /// own core and unpins ([`crate::pages::PinTable::unpin_addr`]). Only for pieces whose channel asked for it
-    /// (`LEND_OK` in `ctx2`) and that have room for one more segment per page. False: copy as usual.
+    /// caller's core), lend the page: pin it, record the loan, and append its address to the piece's segments; the
+    /// channel copies on its own core and says when it is done (see `crate::loans`). Only for pieces whose channel
+    /// asked for it (`LEND_OK` in `ctx2`) that lie in one page. False: copy as usual.
     fn lend(&mut self, r: u32) -> bool {
-        use crate::striped::{LENT, LEND_OK};
         let (s, e) = req_range(&self.reqs[r as usize]);
-        let Some(io) = self.reqs[r as usize].io.as_mut() else { return false };
-        if !self.striped_shard || io.ctx2 & LEND_OK == 0 {
+        let Some(mut io) = self.reqs[r as usize].io.take() else { return false };
+        let lent = self.lend_io(&mut io, s, e);
+        self.reqs[r as usize].io = Some(io);
+        lent
+    }
+
+    fn lend_io(&mut self, io: &mut IoDesc, s: u64, e: u64) -> bool {
+        use crate::striped::{LENT, LEND_OK};
+        let Some(book) = self.book.as_mut() else { return false };
+        if io.ctx2 & LEND_OK == 0 || s / PAGE_BYTES != (e - 1) / PAGE_BYTES || io.segs().len() >= io.seg_capacity() {
             return false;
         }
-        let (first, last) = (s / PAGE_BYTES, e.div_ceil(PAGE_BYTES));
-        let own = io.segs().len();
-        if own + (last - first) as usize > io.seg_capacity() || own > 0xffff {
+        let Some(slot) = self.pages.lookup(s / PAGE_BYTES) else { return false };
+        let Some((ptr, iova)) = self.pages.ptr(slot, s % PAGE_BYTES, e - s) else { return false };
+        // SAFETY: the pointer is inside a cache slot (ptr checked it) that stays ours and unchanged while pinned; the
+        // piece has room for one more segment (checked above), so nothing reallocates.
+        if unsafe { io.push_seg_raw(ptr, iova, (e - s) as u32) }.is_err() {
             return false;
         }
-        let mut dev = s;
-        while dev < e {
-            let poff = dev % PAGE_BYTES;
-            let chunk = (PAGE_BYTES - poff).min(e - dev);
-            let got = self.pages.lookup(dev / PAGE_BYTES).and_then(|slot| Some((slot, self.pages.ptr(slot, poff, chunk)?)));
-            let Some((slot, (ptr, iova))) = got else {
-                tracing::error!(dev, "cache: page missing during a read loan");
-                break;
-            };
-            // SAFETY: the pointer is inside a cache slot (ptr checked it) that stays ours while pinned; the piece
-            // has room (checked above), so nothing reallocates.
-            if unsafe { io.push_seg_raw(ptr, iova, chunk as u32) }.is_err() {
-                break;
-            }
-            self.pages.pin(slot);
-            self.pages.touch(slot);
-            dev += chunk;
-        }
-        if dev < e {
-            // Give back what was pinned and copy instead.
-            for seg in &io.segs()[own..] {
-                self.pages.pin_table().unpin_addr(seg.ptr().as_ptr() as usize);
-            }
-            io.truncate_segs(own);
+        let Some(seq) = book.lend(((io.ctx >> 32) & 0xffff) as usize, slot) else {
+            io.truncate_segs(io.segs().len() - 1);
             return false;
-        }
-        io.ctx2 = LENT | (u64::from(self.shard) << 32) | own as u64;
-        self.loans += 1;
+        };
+        self.pages.pin(slot);
+        self.pages.touch(slot);
+        io.ctx2 = LENT | (u64::from(self.shard) << 32) | u64::from(seq as u32);
         self.stats.loans.fetch_add(1, Ordering::Relaxed);
         true
     }
 
+    /// Unpin the pages of loans the channels have finished with.
+    fn reclaim_loans(&mut self) {
+        let Some(book) = self.book.as_mut() else { return };
+        let (shared, shard, pages) = (&self.shared, self.shard, &mut self.pages);
+        book.reclaim(|ch| shared.loan_ack(ch, shard), |slot| pages.unpin(slot));
+    }
+
+    /// Loans still out (after taking in what the channels finished).
+    pub(crate) fn loans_outstanding(&mut self) -> u64 {
+        self.reclaim_loans();
+        self.book.as_ref().map_or(0, LoanBook::outstanding)
+    }
+
     /// Whether some page of `[start, end)` is lent to another reactor now (its bytes must not change).
-    fn range_pinned(&self, start: u64, end: u64) -> bool {
-        self.loans != 0
-            && (start / PAGE_BYTES..end.div_ceil(PAGE_BYTES)).any(|p| self.pages.lookup(p).is_some_and(|s| self.pages.pinned(s)))
+    fn range_pinned(&mut self, start: u64, end: u64) -> bool {
+        if self.book.as_ref().is_none_or(|b| b.outstanding() == 0) {
+            return false;
+        }
+        let pinned = |pg: &Pages| (start / PAGE_BYTES..end.div_ceil(PAGE_BYTES)).any(|p| pg.lookup(p).is_some_and(|s| pg.pinned(s)));
+        if !pinned(&self.pages) {
+            return false;
+        }
+        self.reclaim_loans();
+        pinned(&self.pages)
     }
 
     /// Give every page overlapping `[start, end)` a slot. False when some page could not get one.
@@ -1284,11 +1287,6 @@ impl CacheChannel {
         self.pages.lookup(p).is_some()
     }
 
-    /// The pin counts of this engine's pages (read loans to other reactors).
-    pub(crate) fn pin_table(&self) -> &Arc<crate::pages::PinTable> {
-        self.pages.pin_table()
-    }
-
     /// The arena byte range of this engine's pages.
     pub fn arena_range(&self) -> Option<(u64, u64)> {
         self.pages.arena_range(&self.arena)
@@ -1346,6 +1344,40 @@ impl CacheChannel {
 }
 
 #[inline]
+/// Copy between `io`'s segments and the cache pages of device bytes `[start, end)` (every page present).
+fn copy_pages(pages: &mut Pages, io: &IoDesc, start: u64, end: u64, into_pages: bool) {
+    let (mut dev, segs) = (start, io.segs());
+    let (mut si, mut soff) = (0usize, 0u64);
+    while dev < end && si < segs.len() {
+        let seg = segs[si];
+        let poff = dev % PAGE_BYTES;
+        let chunk = (PAGE_BYTES - poff).min(end - dev).min(u64::from(seg.len()) - soff);
+        let Some(slot) = pages.lookup(dev / PAGE_BYTES) else {
+            tracing::error!(dev, "cache: page missing during copy");
+            return;
+        };
+        let Some((pp, _)) = pages.ptr(slot, poff, chunk) else { return };
+        // SAFETY: `pp..pp+chunk` is inside the slot (ptr checked it); the page is not under device I/O (the caller
+        // holds the range lock, or the bytes are UPTODATE and no I/O writes UPTODATE bytes). The segment bytes
+        // `soff..soff+chunk` are inside the segment, and the descriptor is in our hands until completion.
+        unsafe {
+            let up = seg.ptr().as_ptr().add(soff as usize);
+            if into_pages {
+                std::ptr::copy_nonoverlapping(up, pp.as_ptr(), chunk as usize);
+            } else {
+                std::ptr::copy_nonoverlapping(pp.as_ptr(), up, chunk as usize);
+            }
+        }
+        pages.touch(slot);
+        dev += chunk;
+        soff += chunk;
+        if soff == u64::from(seg.len()) {
+            si += 1;
+            soff = 0;
+        }
+    }
+}
+
 fn req_range(r: &Req) -> (u64, u64) {
     (r.start, r.end)
 }
@@ -1393,6 +1425,9 @@ impl IoChannel for CacheChannel {
                 *slot = Some(d);
                 self.job_done(j, status);
             }
+        }
+        if self.book.as_ref().is_some_and(|b| b.outstanding() > 0) {
+            self.reclaim_loans();
         }
         self.run_ready();
         // Requests that backed off, and flushes that wait.

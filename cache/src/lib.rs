@@ -39,6 +39,7 @@
 //! than one core) and prints the counters; the spec is parsed in the apps crate (`apps/src/bdev_spec.rs`).
 
 pub mod bdev;
+pub(crate) mod loans;
 pub mod error;
 pub mod pages;
 pub mod reverse;

@@ -6,13 +6,11 @@
 //!   as many buckets as slots, so probes stay short and nothing allocates.
 //! - CLOCK: a reference bit per slot, set on every hit; the hand clears bits until it finds a slot the caller's
 //!   predicate says may go (clean, unlocked), within two sweeps.
-//! - Pins: a count per slot of read loans to other reactors ([`PinTable`]). A striped cache's shard may answer a
-//!   read hit from another reactor by lending the pages (their addresses travel back in the piece, the caller
-//!   copies on its own core, then unpins). A pinned slot is never evicted, and the engine keeps writes and
-//!   invalidations off a pinned page until the loan ends.
+//! - Pins: a count per slot of read loans to other reactors (see `crate::loans`), kept by the owning engine alone.
+//!   A pinned slot is never evicted, and the engine keeps writes and invalidations off a pinned page until the
+//!   loan ends.
 
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use nvstack_driver::dma::{Arena, DmaRegion};
@@ -37,32 +35,8 @@ pub struct Pages {
     buckets: Vec<(u64, u32)>,
     mask: usize,
     hand: usize,
-    pins: Arc<PinTable>,
-}
-
-/// Read loans per slot, shared by a shard (which pins) and the channels that copy from the lent pages (which unpin).
-#[derive(Debug)]
-pub struct PinTable {
-    /// Host address of slot 0.
-    base: usize,
-    pins: Box<[AtomicU32]>,
-}
-
-impl PinTable {
-    /// End the loan of the page at host address `addr` (any byte inside the slot). Returns false when `addr` is not
-    /// one of these pages or the slot was not pinned (a bug, logged by the caller).
-    ///
-    /// Release: the caller's copy out of the page happens before the shard sees the count drop and reuses the page.
-    pub fn unpin_addr(&self, addr: usize) -> bool {
-        let Some(rel) = addr.checked_sub(self.base) else { return false };
-        let Some(pin) = self.pins.get(rel / PAGE_BYTES as usize) else { return false };
-        pin.fetch_update(Ordering::Release, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok()
-    }
-
-    /// Whether any slot is lent now.
-    pub fn any(&self) -> bool {
-        self.pins.iter().any(|p| p.load(Ordering::Acquire) != 0)
-    }
+    /// Read loans per slot (see `crate::loans`).
+    pins: Vec<u32>,
 }
 
 #[inline]
@@ -86,7 +60,6 @@ impl Pages {
         let nb = (count as usize * 2).next_power_of_two();
         let mut free = Vec::with_capacity(count as usize);
         free.extend((0..count).rev());
-        let pins = Arc::new(PinTable { base: region.as_ptr() as usize, pins: (0..count).map(|_| AtomicU32::new(0)).collect() });
         Ok(Pages {
             region,
             dev_page: vec![EMPTY; count as usize],
@@ -95,7 +68,7 @@ impl Pages {
             buckets: vec![(EMPTY, 0); nb],
             mask: nb - 1,
             hand: 0,
-            pins,
+            pins: vec![0; count as usize],
         })
     }
 
@@ -124,25 +97,26 @@ impl Pages {
         }
     }
 
-    /// The pin counts, for the channels that end loans.
-    pub fn pin_table(&self) -> &Arc<PinTable> {
-        &self.pins
-    }
-
-    /// Lend slot `s` to a reader on another thread (it unpins through the [`PinTable`]).
+    /// Slot `s` is lent to a reader on another thread.
     #[inline]
-    pub fn pin(&self, s: u32) {
-        if let Some(p) = self.pins.pins.get(s as usize) {
-            // Relaxed: the loan reaches the reader through a ring (release/acquire), which orders the page bytes.
-            p.fetch_add(1, Ordering::Relaxed);
+    pub fn pin(&mut self, s: u32) {
+        if let Some(p) = self.pins.get_mut(s as usize) {
+            *p += 1;
         }
     }
 
-    /// Whether slot `s` is lent now. Acquire: pairs with the reader's release in `unpin_addr`, so its copy is over
-    /// before the caller changes the page.
+    /// A loan of slot `s` ended.
+    #[inline]
+    pub fn unpin(&mut self, s: u32) {
+        if let Some(p) = self.pins.get_mut(s as usize) {
+            *p = p.saturating_sub(1);
+        }
+    }
+
+    /// Whether slot `s` is lent (as far as the owner has heard: a loan ends for it when it reclaims).
     #[inline]
     pub fn pinned(&self, s: u32) -> bool {
-        self.pins.pins.get(s as usize).is_some_and(|p| p.load(Ordering::Acquire) != 0)
+        self.pins.get(s as usize).is_some_and(|&p| p != 0)
     }
 
     /// Mark slot `s` recently used.

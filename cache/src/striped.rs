@@ -13,10 +13,15 @@
 //! again at the next poll. FLUSH fans out to every shard; each writes back what is dirty and flushes the backing, and
 //! the request completes when all have answered.
 //!
+//! Hits take a short cut on both sides: a read inside one stripe of the channel's own thread's shard completes
+//! inside `submit` (no piece), and a read piece that hits completes as soon as its shard takes it (no request slot
+//! in the engine).
+//!
 //! Read loans: a read hit that travelled from another reactor is not copied by the shard (the caller's buffer lives
-//! in the caller's core's cache, and writing it from here would pull every line across). The shard pins the pages
-//! and appends their addresses to the piece's segments (`LENT` in `ctx2`); the channel copies on its own core and
-//! unpins. The shard keeps writes, invalidations and eviction off pinned pages (`crate::pages::PinTable`).
+//! in the caller's core's cache, and writing it from here would pull every line across). The shard pins the page
+//! and appends its address to the piece's segments (`LENT` in `ctx2`); the channel copies on its own core and
+//! publishes that the loan is over. The shard keeps writes, invalidations and eviction off lent pages until then
+//! ([`crate::loans`]).
 //!
 //! The control path (the poison path's reverse queries and actions) sends closures to a shard's control ring and
 //! waits for the answer with a deadline. A single-reactor cache ([`CacheBdev::new`]) has the same control ring,
@@ -38,7 +43,7 @@ use nvstack_blockdev::{BlockDev, Features, Geometry, IoChannel, IoDesc, IoError,
 use nvstack_driver::dma::Arena;
 
 use crate::bdev::{CacheBdev, CacheChannel, CacheConfig, CacheStats};
-use crate::pages::PinTable;
+use crate::loans::LoanWindow;
 use crate::stripe::{seg_slices, StripeMap};
 use crate::CacheError;
 
@@ -50,8 +55,8 @@ pub const MAX_USER_SEGS: u32 = 32;
 pub const MAX_CHANNELS: usize = 64;
 /// `ctx2` of a piece: the channel takes a read loan instead of a copy (set by the channel on remote read pieces).
 pub(crate) const LEND_OK: u64 = 1 << 63;
-/// `ctx2` of a finished piece: the pages are lent; segments from index `ctx2 & 0xffff` on are the pages' bytes, in
-/// order, and bits 32..48 name the shard whose pins to drop.
+/// `ctx2` of a finished piece: its page is lent. The last segment is the page's bytes; bits 0..32 are the loan's
+/// number and bits 32..48 the lending shard.
 pub(crate) const LENT: u64 = 1 << 62;
 /// How long a stopping shard waits for channels to end their read loans before it leaks its pages instead.
 const LOAN_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -63,6 +68,19 @@ const CONTROL_ENTRIES: usize = 64;
 pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long opening a striped cache waits for each shard to be built on its reactor.
 const BUILD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A loan watermark on its own cache line (written by one channel, read by one shard).
+#[repr(align(128))]
+#[derive(Default)]
+struct AckLine(AtomicU64);
+
+/// What other threads may see of one channel.
+pub(crate) struct Front {
+    /// Finished pieces, handed back by the shards (and by same-thread channels that reaped them).
+    ring: ArrayQueue<Box<IoDesc>>,
+    /// Per shard: every loan from it numbered below this is over (the channel copied it).
+    acks: Box<[AckLine]>,
+}
 
 /// A control-path call, run on the shard's reactor with its engine.
 pub(crate) type Control = Box<dyn FnOnce(&mut CacheChannel) + Send>;
@@ -89,8 +107,6 @@ pub(crate) struct ShardSlot {
     thread: AtomicU64,
     /// The shard's final flush, when a same-thread channel reaped it from the engine.
     final_back: ArrayQueue<Box<IoDesc>>,
-    /// The pin counts of the shard's pages (channels end read loans through it).
-    pins: OnceLock<Arc<PinTable>>,
 }
 
 /// A number naming the current thread (never 0), cheap to read on the I/O path.
@@ -107,8 +123,9 @@ pub(crate) struct Shared {
     shards: Box<[ShardSlot]>,
     stripes: StripeMap,
     striped: bool,
-    /// Completion rings of the striped channels, by channel id (made on first use, reused after a close).
-    fronts: Box<[OnceLock<ArrayQueue<Box<IoDesc>>>]>,
+    /// Completion rings and loan watermarks of the striped channels, by channel id (made on first use, reused
+    /// after a close).
+    fronts: Box<[OnceLock<Front>]>,
     front_busy: Box<[AtomicBool]>,
     closing: AtomicBool,
     /// Serialises control-path callers (one query at a time keeps the control rings from filling).
@@ -129,7 +146,6 @@ impl Shared {
                     engine: AtomicPtr::new(std::ptr::null_mut()),
                     thread: AtomicU64::new(0),
                     final_back: ArrayQueue::new(1),
-                    pins: OnceLock::new(),
                 })
                 .collect(),
             stripes,
@@ -159,12 +175,19 @@ impl Shared {
     fn deliver_to_front(&self, io: Box<IoDesc>) -> Result<(), Box<IoDesc>> {
         let front = ((io.ctx >> 32) & 0xffff) as usize;
         match self.fronts.get(front).and_then(OnceLock::get) {
-            Some(ring) => ring.push(io),
+            Some(f) => f.ring.push(io),
             None => {
                 tracing::error!(front, "cache: a piece names a channel that does not exist; dropped");
                 Ok(())
             }
         }
+    }
+
+    /// The loan watermark channel `ch` published for `shard`. Acquire: the channel's copies out of the lent pages
+    /// happen before the shard reuses them.
+    #[inline]
+    pub(crate) fn loan_ack(&self, ch: usize, shard: u32) -> u64 {
+        self.fronts.get(ch).and_then(OnceLock::get).and_then(|f| f.acks.get(shard as usize)).map_or(0, |a| a.0.load(Ordering::Acquire))
     }
 
     /// Dirty bytes over all shards.
@@ -274,7 +297,6 @@ impl CacheBdev {
                         if let Some(r) = engine.arena_range() {
                             shared.set_arena_range(shard, r);
                         }
-                        let _ = shared.shards[shard as usize].pins.set(Arc::clone(engine.pin_table()));
                         shared.shards[shard as usize].state.store(SHARD_RUNNING, Ordering::Release);
                         ctx.add_poller(Box::new(ShardPoller::new(shared, shard, engine)));
                         let _ = tx.send((shard, Ok(())));
@@ -433,6 +455,13 @@ impl Poller for ShardPoller {
             };
             busy = true;
             took = true;
+            let mut io = io;
+            if let Some(st) = self.engine().try_hit(&mut io, true) {
+                // A hit: answered at once (lent when the piece allows it), no request slot.
+                io.status = st;
+                self.deliver(io);
+                continue;
+            }
             match self.engine().submit(io) {
                 Ok(()) => {}
                 Err(Rejected { io, why: SubmitError::Busy }) => {
@@ -478,7 +507,7 @@ impl Poller for ShardPoller {
                 FinalFlush::InFlight => {}
                 FinalFlush::Done if engine_idle && self.undelivered.is_empty() => {
                     // Pages still lent to channels must outlive their copies.
-                    if !self.engine().pin_table().any() {
+                    if self.engine().loans_outstanding() == 0 {
                         return PollOutcome::Done;
                     }
                     let deadline = *self.loan_deadline.get_or_insert_with(|| Instant::now() + LOAN_DRAIN_TIMEOUT);
@@ -553,6 +582,8 @@ pub struct StripedChannel {
     /// Completions for other channels that their rings could not take yet.
     #[allow(clippy::vec_box)]
     foreign: Vec<Box<IoDesc>>,
+    /// Per shard: which of its loans this channel has finished.
+    windows: Vec<LoanWindow>,
 }
 
 // SAFETY: the channel is used by one thread at a time (the IoChannel contract); the raw segments inside its piece
@@ -569,7 +600,13 @@ impl StripedChannel {
         let id = (0..shared.front_busy.len())
             .find(|&i| shared.front_busy[i].compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_ok())
             .ok_or(CacheError::Config { what: "cache channels", reason: "too many open at once (64)" })?;
-        let _ = shared.fronts[id].get_or_init(|| ArrayQueue::new(RING_ENTRIES));
+        let nshards = shared.shards.len();
+        let _ = shared.fronts[id].get_or_init(|| Front {
+            ring: ArrayQueue::new(RING_ENTRIES),
+            acks: (0..nshards).map(|_| AckLine::default()).collect(),
+        });
+        // A reused id goes on from the loans its last user finished (all of them: it waited for every piece).
+        let windows = (0..nshards as u32).map(|sh| LoanWindow::starting_at(shared.loan_ack(id, sh))).collect();
         let geo = dev.geometry();
         // Pieces: one per request in the common case, a second for requests crossing a stripe, one per shard for
         // flush; beyond that a request waits (Busy) for pieces to come back.
@@ -589,12 +626,13 @@ impl StripedChannel {
             done: Vec::with_capacity(depth as usize),
             reaped: Vec::with_capacity(ENGINE_DEPTH as usize + 1),
             foreign: Vec::with_capacity(64),
+            windows,
             shared,
         }))
     }
 
     fn ring(&self) -> Option<&ArrayQueue<Box<IoDesc>>> {
-        self.shared.fronts[self.id as usize].get()
+        self.shared.fronts[self.id as usize].get().map(|f| &f.ring)
     }
 
     /// The engine of `shard` when it runs on this thread (the local fast path: no ring in either direction).
@@ -649,38 +687,31 @@ impl StripedChannel {
         }
     }
 
-    /// A read piece came back as a loan: copy the lent page bytes into the caller's segments, then end the loan.
-    fn take_loan(&self, piece: &IoDesc) {
-        let own = (piece.ctx2 & 0xffff) as usize;
+    /// A read piece came back as a loan: copy the lent page bytes (its last segment) into the caller's segments
+    /// (the ones before), then publish that the loan is over.
+    fn take_loan(&mut self, piece: &IoDesc) {
+        let seq = piece.ctx2 as u32;
         let shard = ((piece.ctx2 >> 32) & 0xffff) as usize;
         let segs = piece.segs();
-        let (dst, src) = segs.split_at(own.min(segs.len()));
-        let (mut di, mut doff) = (0usize, 0usize);
-        for s in src {
-            let mut soff = 0usize;
-            while soff < s.len() as usize && di < dst.len() {
-                let d = dst[di];
-                let n = (s.len() as usize - soff).min(d.len() as usize - doff);
-                // SAFETY: both ranges are inside their segments (bounded by each length above). The destination is
-                // the caller's buffer, lent to us until its request completes (after this); the source is a cache
-                // page pinned for us by its shard, which changes no pinned byte until we unpin below.
-                unsafe { std::ptr::copy_nonoverlapping(s.ptr().as_ptr().add(soff), d.ptr().as_ptr().add(doff), n) };
-                soff += n;
-                doff += n;
-                if doff == d.len() as usize {
-                    di += 1;
-                    doff = 0;
-                }
+        if let Some((src, dst)) = segs.split_last() {
+            let (mut done, total) = (0usize, src.len() as usize);
+            for d in dst {
+                let n = (d.len() as usize).min(total - done);
+                // SAFETY: the destination is the first `n` bytes of a caller's segment (lent to us until its request
+                // completes, after this); the source is bytes `done..done + n` of the lent page (`done + n <= total`),
+                // which its shard leaves unchanged until we publish the loan's end below.
+                unsafe { std::ptr::copy_nonoverlapping(src.ptr().as_ptr().add(done), d.ptr().as_ptr(), n) };
+                done += n;
             }
         }
-        let Some(pins) = self.shared.shards.get(shard).and_then(|s| s.pins.get()) else {
-            tracing::error!(shard, "cache: a read loan names a shard without pages");
-            return;
-        };
-        for s in src {
-            if !pins.unpin_addr(s.ptr().as_ptr() as usize) {
-                tracing::error!(shard, "cache: a read loan names a page that was not lent");
+        match self.windows.get_mut(shard).map(|w| w.finish(seq)) {
+            Some(Some(mark)) => {
+                if let Some(a) = self.shared.fronts[self.id as usize].get().and_then(|f| f.acks.get(shard)) {
+                    // Release: the copy above happens before the shard sees the loan end and reuses the page.
+                    a.0.store(mark, Ordering::Release);
+                }
             }
+            _ => tracing::error!(shard, seq, "cache: a read loan outside this channel's window"),
         }
     }
 
@@ -801,6 +832,21 @@ impl IoChannel for StripedChannel {
         };
         if self.free_parents.is_empty() || self.free_pieces.len() < needed || self.done.len() >= self.depth as usize {
             return Err(Rejected { io, why: SubmitError::Busy });
+        }
+        if io.op == IoOp::Read && self.unsent.is_empty() {
+            // The hit fast path: a read inside one stripe of the shard on this thread completes here and now.
+            let sb = stripes.stripe_bytes();
+            let owner = stripes.owner(start);
+            if start / sb == (end - 1) / sb || self.shared.shards.len() == 1 {
+                if let Some(mut engine) = self.local_engine(owner) {
+                    // SAFETY: as in `send`: the same-thread engine, whose poller is not running now.
+                    if let Some(st) = unsafe { engine.as_mut() }.try_hit(&mut io, false) {
+                        io.status = st;
+                        self.done.push(io);
+                        return Ok(());
+                    }
+                }
+            }
         }
         let Some(p) = self.free_parents.pop() else { return Err(Rejected { io, why: SubmitError::Busy }) };
         io.status = IoStatus::Pending;
