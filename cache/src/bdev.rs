@@ -612,7 +612,7 @@ impl CacheChannel {
         if !self.tree.test(s, e, Bits::UPTODATE, Test::All) {
             return None;
         }
-        self.stats.hits.fetch_add(1, Ordering::Relaxed);
+        bump(&self.stats.hits);
         if !(may_lend && self.lend_io(io, s, e)) {
             copy_pages(&mut self.pages, io, s, e, false);
         }
@@ -651,7 +651,7 @@ impl CacheChannel {
         self.pages.pin(slot);
         self.pages.touch(slot);
         io.ctx2 = LENT | (u64::from(self.shard) << 32) | u64::from(seq as u32);
-        self.stats.loans.fetch_add(1, Ordering::Relaxed);
+        bump(&self.stats.loans);
         true
     }
 
@@ -693,7 +693,7 @@ impl CacheChannel {
             match got {
                 None => return Ok(false),
                 Some((_, Some(old))) => {
-                    self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+                    bump(&self.stats.evictions);
                     let s = old * PAGE_BYTES;
                     if let Err(e) = self.tree.clear(s, s + PAGE_BYTES, Bits::UPTODATE) {
                         tracing::error!(error = %e, "cache: evicting a page: state tree full");
@@ -837,7 +837,7 @@ impl CacheChannel {
     fn writeback_done(&mut self, job: Job, err: Option<IoError>) {
         let res = match err {
             None => {
-                self.stats.writeback_ios.fetch_add(1, Ordering::Relaxed);
+                bump(&self.stats.writeback_ios);
                 self.stats.writeback_bytes.fetch_add(job.end - job.start, Ordering::Relaxed);
                 self.tree.clear(job.start, job.end, Bits::DIRTY | Bits::WRITEBACK)
             }
@@ -930,14 +930,14 @@ impl CacheChannel {
                     return;
                 }
                 if self.tree.test(s, e, Bits::UPTODATE, Test::All) {
-                    self.stats.hits.fetch_add(1, Ordering::Relaxed);
+                    bump(&self.stats.hits);
                     if !self.lend(r) {
                         self.copy_user(r, false);
                     }
                     self.complete(r, IoStatus::Success);
                     return;
                 }
-                self.stats.misses.fetch_add(1, Ordering::Relaxed);
+                bump(&self.stats.misses);
                 self.lock(r);
             }
             _ => self.lock(r),
@@ -1000,7 +1000,7 @@ impl CacheChannel {
                 match self.start_job(JobKind::Fill, r, IoOp::Read, pos, end, IoFlags::NONE, true) {
                     Ok(()) => {
                         runs += 1;
-                        self.stats.fill_ios.fetch_add(1, Ordering::Relaxed);
+                        bump(&self.stats.fill_ios);
                     }
                     Err(IoError::Aborted) => {
                         self.reqs[r as usize].starved = true;
@@ -1034,7 +1034,7 @@ impl CacheChannel {
     fn write_locked(&mut self, r: u32, s: u64, e: u64, flags: IoFlags) {
         if self.range_pinned(s, e) {
             // Another reactor is copying out of these pages: wait for it.
-            self.stats.loan_waits.fetch_add(1, Ordering::Relaxed);
+            bump(&self.stats.loan_waits);
             return self.retry_later(r);
         }
         match self.ensure_pages(s, e) {
@@ -1075,7 +1075,7 @@ impl CacheChannel {
         if op != IoOp::Read {
             if self.range_pinned(s, e) {
                 // Another reactor is copying out of these pages: their slots must not be dropped and refilled yet.
-                self.stats.loan_waits.fetch_add(1, Ordering::Relaxed);
+                bump(&self.stats.loan_waits);
                 return self.retry_later(r);
             }
             if let Err(er) = self.tree.clear(s, e, Bits::UPTODATE | Bits::DIRTY | Bits::IOERR) {
@@ -1343,7 +1343,13 @@ impl CacheChannel {
     }
 }
 
+/// Count one event on an engine counter. Each shard's counters have one writer, its engine's thread, so a load
+/// and a store do (no locked read-modify-write on the I/O path); readers on other threads see whole values.
 #[inline]
+fn bump(c: &AtomicU64) {
+    c.store(c.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
+}
+
 /// Copy between `io`'s segments and the cache pages of device bytes `[start, end)` (every page present).
 fn copy_pages(pages: &mut Pages, io: &IoDesc, start: u64, end: u64, into_pages: bool) {
     let (mut dev, segs) = (start, io.segs());

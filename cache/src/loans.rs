@@ -25,16 +25,19 @@ struct LoanFifo {
 pub(crate) struct LoanBook {
     fifos: Box<[LoanFifo]>,
     outstanding: u64,
+    /// Bit `ch` set: channel `ch` has loans not yet released (channel ids are below 64).
+    active: u64,
 }
 
 impl LoanBook {
-    /// A book for `channels` channel ids (allocates `channels * LOAN_WINDOW` slot numbers, once).
+    /// A book for `channels` channel ids, at most 64 (allocates `channels * LOAN_WINDOW` slot numbers, once).
     pub(crate) fn new(channels: usize) -> LoanBook {
         LoanBook {
-            fifos: (0..channels)
+            fifos: (0..channels.min(64))
                 .map(|_| LoanFifo { slots: vec![0; LOAN_WINDOW as usize].into_boxed_slice(), issued: 0, released: 0 })
                 .collect(),
             outstanding: 0,
+            active: 0,
         }
     }
 
@@ -55,6 +58,9 @@ impl LoanBook {
         f.slots[(seq % LOAN_WINDOW) as usize] = slot;
         f.issued += 1;
         self.outstanding += 1;
+        if ch < 64 {
+            self.active |= 1 << ch;
+        }
         Some(seq)
     }
 
@@ -63,16 +69,20 @@ impl LoanBook {
         if self.outstanding == 0 {
             return;
         }
-        for (ch, f) in self.fifos.iter_mut().enumerate() {
-            if f.issued == f.released {
-                continue;
-            }
+        let mut bits = self.active;
+        while bits != 0 {
+            let ch = bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            let Some(f) = self.fifos.get_mut(ch) else { continue };
             // A watermark never passes what was issued; clamp anyway (a confused channel must not unpin the future).
             let upto = acked(ch).min(f.issued);
             while f.released < upto {
                 unpin(f.slots[(f.released % LOAN_WINDOW) as usize]);
                 f.released += 1;
                 self.outstanding -= 1;
+            }
+            if f.released == f.issued {
+                self.active &= !(1 << ch);
             }
         }
     }

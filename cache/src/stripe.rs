@@ -52,7 +52,13 @@ impl StripeMap {
     /// The reactor owning byte `offset`.
     #[inline]
     pub fn owner(&self, offset: u64) -> u32 {
-        ((offset >> self.shift) % u64::from(self.reactors)) as u32
+        let stripe = offset >> self.shift;
+        // Power-of-two reactor counts (the usual case) take a mask instead of a division.
+        if self.reactors.is_power_of_two() {
+            (stripe & u64::from(self.reactors - 1)) as u32
+        } else {
+            (stripe % u64::from(self.reactors)) as u32
+        }
     }
 
     /// Call `f` for each piece of `[start, end)`, in order. Consecutive stripes with the same owner (one reactor)
