@@ -297,9 +297,72 @@ impl StateTree {
                 }
             }
         }
-        self.apply(start, end, c);
+        let first = self.t.seek(start);
+        if let Some(p) = first {
+            if self.change_one(p, start, end, c) {
+                return Ok(());
+            }
+        }
+        self.apply(first, start, end, c);
         self.merge_around(start, end);
         Ok(())
+    }
+
+    /// The common shapes, done in place: the change lies strictly inside the range at `p` (it splits in three, or in
+    /// two around a gap; no neighbour can merge, as the middle differs from the old state on both sides), or covers
+    /// exactly that range
+    /// (its state changes, then it merges with equal neighbours that touch it). False: not one of these; nothing
+    /// changed. Capacity was checked by the caller.
+    fn change_one(&mut self, p: Pos, start: u64, end: u64, c: Change) -> bool {
+        let e = self.t.get(p);
+        let inside = e.start < start && end < e.end;
+        let exact = e.start == start && e.end == end;
+        if !inside && !exact {
+            return false;
+        }
+        let old = state_of(&e);
+        let new = c.apply(old);
+        if new == old {
+            return true;
+        }
+        self.account(old.bits, new.bits, end - start);
+        if inside {
+            self.t.set_end(p, start);
+            // No bits left in the middle: it becomes a gap.
+            let q = if new.bits.is_empty() { p } else { self.put(Blocks::slot_after(p), entry(start, end, new)) };
+            self.put(Blocks::slot_after(q), entry(end, e.end, old));
+            return true;
+        }
+        if new.bits.is_empty() {
+            // Nothing left: the neighbours (if any) are now separated by a gap.
+            self.t.remove(p);
+            return true;
+        }
+        self.t.set_state(p, new.bits.0, new.tag.client, new.tag.time);
+        let mut p = p;
+        let mut cur_end = end;
+        if let Some(n) = self.t.next(p) {
+            let ne = self.t.get(n);
+            if ne.start == end && state_of(&ne) == new {
+                self.t.set_end(p, ne.end);
+                cur_end = ne.end;
+                if self.t.remove(n) {
+                    // Blocks were restructured: find the range again by its start.
+                    match self.t.seek(start) {
+                        Some(q) => p = q,
+                        None => return true,
+                    }
+                }
+            }
+        }
+        if let Some(b) = self.t.prev(p) {
+            let be = self.t.get(b);
+            if be.end == start && state_of(&be) == new {
+                self.t.set_end(b, cur_end);
+                self.t.remove(p);
+            }
+        }
+        true
     }
 
     /// Exactly how many new ranges [`StateTree::apply`] will add for this change, and how many blocks it spans.
@@ -398,10 +461,11 @@ impl StateTree {
         }
     }
 
-    /// The walk that changes state over `[start, end)`. Capacity must have been checked.
-    fn apply(&mut self, start: u64, end: u64, c: Change) {
+    /// The walk that changes state over `[start, end)`, from `first` (the seek of `start`). Capacity must have been
+    /// checked.
+    fn apply(&mut self, first: Option<Pos>, start: u64, end: u64, c: Change) {
         let mut pos = start;
-        let mut p = self.t.seek(pos);
+        let mut p = first;
         while pos < end {
             let cur = match p {
                 Some(q) if self.t.start_of(q) < end => q,
