@@ -309,7 +309,8 @@ impl StateTree {
     }
 
     /// The common shapes, done in place: the change lies strictly inside the range at `p` (it splits in three, or in
-    /// two around a gap; no neighbour can merge, as the middle differs from the old state on both sides), or covers
+    /// two around a gap; no neighbour can merge, as the middle differs from the old state on both sides), covers a
+    /// prefix or a suffix of it (it splits in two; the changed part may join the neighbour on its side), or covers
     /// exactly that range
     /// (its state changes, then it merges with equal neighbours that touch it). False: not one of these; nothing
     /// changed. Capacity was checked by the caller.
@@ -317,7 +318,9 @@ impl StateTree {
         let e = self.t.get(p);
         let inside = e.start < start && end < e.end;
         let exact = e.start == start && e.end == end;
-        if !inside && !exact {
+        let prefix = e.start == start && end < e.end;
+        let suffix = e.start < start && end == e.end;
+        if !inside && !exact && !prefix && !suffix {
             return false;
         }
         let old = state_of(&e);
@@ -325,7 +328,43 @@ impl StateTree {
         if new == old {
             return true;
         }
+        if prefix && new.bits.is_empty() {
+            // The range would start later: a key change, left to the general walk.
+            return false;
+        }
         self.account(old.bits, new.bits, end - start);
+        if prefix {
+            // [start, end) takes the new state and may join the range before it; [end, e.end) keeps the old.
+            self.t.set_end(p, end);
+            self.t.set_state(p, new.bits.0, new.tag.client, new.tag.time);
+            let q = self.put(Blocks::slot_after(p), entry(end, e.end, old));
+            if let Some(x) = self.t.prev(q) {
+                if let Some(b) = self.t.prev(x) {
+                    let be = self.t.get(b);
+                    if be.end == start && state_of(&be) == new {
+                        self.t.set_end(b, end);
+                        self.t.remove(x);
+                    }
+                }
+            }
+            return true;
+        }
+        if suffix {
+            // [e.start, start) keeps the old state; [start, end) takes the new one and may join the range after it.
+            self.t.set_end(p, start);
+            if new.bits.is_empty() {
+                return true;
+            }
+            let q = self.put(Blocks::slot_after(p), entry(start, end, new));
+            if let Some(n) = self.t.next(q) {
+                let ne = self.t.get(n);
+                if ne.start == end && state_of(&ne) == new {
+                    self.t.set_end(q, ne.end);
+                    self.t.remove(n);
+                }
+            }
+            return true;
+        }
         if inside {
             self.t.set_end(p, start);
             // No bits left in the middle: it becomes a gap.
