@@ -91,6 +91,8 @@ pub(crate) struct Blocks {
     /// and then one segment of `keys` whose lines it fetches at once, instead of a binary search whose last steps
     /// each miss.
     summary: Vec<u64>,
+    /// The block the last seek landed in (a hint: checked against the keys before use).
+    finger: std::cell::Cell<u32>,
     ids: Vec<u32>,
     entries: u32,
     /// Entries per block actually used (`CAP`, or fewer to exercise splits and merges in tests).
@@ -117,6 +119,7 @@ impl Blocks {
             free,
             keys: Vec::with_capacity(n),
             summary: Vec::with_capacity(n / SEG + 1),
+            finger: std::cell::Cell::new(0),
             ids: Vec::with_capacity(n),
             entries: 0,
             cap,
@@ -194,11 +197,19 @@ impl Blocks {
         if n == 0 {
             return None;
         }
-        let j = self.summary.partition_point(|&k| k <= x).saturating_sub(1);
-        let (lo, hi) = (j * SEG, (j * SEG + SEG).min(n));
-        prefetch(&self.keys[lo..hi]);
-        prefetch(&self.ids[lo..hi]);
-        let t = (lo + self.keys[lo..hi].partition_point(|&k| k <= x)).saturating_sub(1);
+        // An operation seeks the same block several times (test, change, merge): try the last one first.
+        let f = self.finger.get() as usize;
+        let t = if f < n && (f == 0 || self.keys[f] <= x) && (f + 1 == n || self.keys[f + 1] > x) {
+            f
+        } else {
+            let j = self.summary.partition_point(|&k| k <= x).saturating_sub(1);
+            let (lo, hi) = (j * SEG, (j * SEG + SEG).min(n));
+            prefetch(&self.keys[lo..hi]);
+            prefetch(&self.ids[lo..hi]);
+            let t = (lo + self.keys[lo..hi].partition_point(|&k| k <= x)).saturating_sub(1);
+            self.finger.set(t as u32);
+            t
+        };
         let b = self.blk(t as u32);
         // A block is ~1.5 KiB that is rarely in cache (1 M ranges are ~36 MiB): ask for all its lines at once (the
         // search, the caller's reads and an insert's shifts touch most of them), so their misses overlap instead of
@@ -515,7 +526,7 @@ impl Blocks {
     #[inline]
     fn set_key(&mut self, t: usize, k: u64) {
         self.keys[t] = k;
-        if t % SEG == 0 {
+        if t.is_multiple_of(SEG) {
             self.summary[t / SEG] = k;
         }
     }
