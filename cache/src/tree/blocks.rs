@@ -3,10 +3,16 @@
 //! - Ranges live in fixed-size blocks of [`CAP`] entries, stored column-wise (all starts together, all ends...), so
 //!   a search in a block touches a few cache lines of starts or ends. Blocks come from a pool reserved at start.
 //! - A top-level index holds, per block in order, its first start and its pool id, in two `Vec`s reserved at start
-//!   (`Vec::insert`/`remove` within capacity never allocate). A lookup is a binary search of the index (small
-//!   enough to stay in cache: 1 M ranges is about 8-16 K blocks) and one of the block.
-//! - A full block splits in two halves; after a removal a block merges with a neighbour when both fit in one; an
-//!   empty block returns to the pool. Positions ([`Pos`]) are valid until the next insert or remove.
+//!   (`Vec::insert`/`remove` within capacity never allocate). A summary of every 64th key (a few KiB, stays in
+//!   cache) is searched first, then one 64-key segment of the index, whose lines are prefetched together.
+//! - A lookup prefetches the whole block before searching it (1 M ranges are ~36 MiB: the block is rarely cached),
+//!   so its misses overlap: about one memory latency per lookup. A finger remembers the block of the last lookup
+//!   (checked against the index keys), so the several lookups of one operation skip the index.
+//! - A full block first spills entries into a neighbour with room (no index insert); only when neither has room does
+//!   it split in two halves (an index insert, a memmove of the index). Appends at the very end of the tree (a
+//!   sequential fill) leave each block an eighth empty, as B-tree bulk loads do. After a removal a block merges with
+//!   a neighbour when both fit in half a block; an empty block returns to the pool. Positions ([`Pos`]) are valid
+//!   until the next insert or remove.
 //!
 //! Why not a binary tree: with 1 M ranges a pointer-linked tree costs ~20-30 cache misses per lookup and one more
 //! descent per successor; this layout costs a handful, and walking to the next range is an index increment.
