@@ -358,6 +358,36 @@ impl Blocks {
         p
     }
 
+    /// Insert `a` then `b` (consecutive) at `at` when its block has room for both: one shift instead of two. `None`:
+    /// no room; nothing changed (insert them one by one).
+    pub(crate) fn insert_two(&mut self, at: Pos, a: Entry, b: Entry) -> Option<Pos> {
+        let i = at.i as usize;
+        let cap = self.cap as usize;
+        let blk = self.blk_mut(at.t);
+        let len = blk.len as usize;
+        if len + 2 > cap || i > len {
+            return None;
+        }
+        blk.start.copy_within(i..len, i + 2);
+        blk.end.copy_within(i..len, i + 2);
+        blk.time.copy_within(i..len, i + 2);
+        blk.client.copy_within(i..len, i + 2);
+        blk.bits.copy_within(i..len, i + 2);
+        for (k, e) in [(i, a), (i + 1, b)] {
+            blk.start[k] = e.start;
+            blk.end[k] = e.end;
+            blk.time[k] = e.time;
+            blk.client[k] = e.client;
+            blk.bits[k] = e.bits;
+        }
+        blk.len += 2;
+        if i == 0 {
+            self.set_key(at.t as usize, a.start);
+        }
+        self.entries += 2;
+        Some(at)
+    }
+
     /// Block `p.t` is full: make room by shifting entries into a neighbour that has some, rather than splitting
     /// (a split inserts into the top-level index, a memmove of the whole index). Returns where to insert now, or
     /// `None` when neither neighbour has room for at least two.

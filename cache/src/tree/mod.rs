@@ -368,8 +368,12 @@ impl StateTree {
         if inside {
             self.t.set_end(p, start);
             // No bits left in the middle: it becomes a gap.
-            let q = if new.bits.is_empty() { p } else { self.put(Blocks::slot_after(p), entry(start, end, new)) };
-            self.put(Blocks::slot_after(q), entry(end, e.end, old));
+            if new.bits.is_empty() {
+                self.put(Blocks::slot_after(p), entry(end, e.end, old));
+            } else if self.t.insert_two(Blocks::slot_after(p), entry(start, end, new), entry(end, e.end, old)).is_none() {
+                let q = self.put(Blocks::slot_after(p), entry(start, end, new));
+                self.put(Blocks::slot_after(q), entry(end, e.end, old));
+            }
             return true;
         }
         if new.bits.is_empty() {
