@@ -620,8 +620,8 @@ impl CacheChannel {
     }
 
     /// A read hit for another reactor: instead of copying into the caller's buffer (whose cache lines live on the
-    /// caller's core), lend the page: pin it, record the loan, and append its address to the piece's segments; the
-    /// channel copies on its own core and says when it is done (see `crate::loans`). Only for pieces whose channel
+    /// caller's core), lend the page: pin it, record the loan, and name it in the piece's `ctx2`; the channel copies
+    /// on its own core and says when it is done (see `crate::loans`). Only for pieces whose channel
     /// asked for it (`LEND_OK` in `ctx2`) that lie in one page. False: copy as usual.
     fn lend(&mut self, r: u32) -> bool {
         let (s, e) = req_range(&self.reqs[r as usize]);
@@ -632,27 +632,28 @@ impl CacheChannel {
     }
 
     fn lend_io(&mut self, io: &mut IoDesc, s: u64, e: u64) -> bool {
-        use crate::striped::{LENT, LEND_OK};
+        use crate::striped::{lent_ctx2, LEND_OK, MAX_LENT_SLOT};
         let Some(book) = self.book.as_mut() else { return false };
-        if io.ctx2 & LEND_OK == 0 || s / PAGE_BYTES != (e - 1) / PAGE_BYTES || io.segs().len() >= io.seg_capacity() {
+        if io.ctx2 & LEND_OK == 0 || s / PAGE_BYTES != (e - 1) / PAGE_BYTES {
             return false;
         }
         let Some(slot) = self.pages.lookup(s / PAGE_BYTES) else { return false };
-        let Some((ptr, iova)) = self.pages.ptr(slot, s % PAGE_BYTES, e - s) else { return false };
-        // SAFETY: the pointer is inside a cache slot (ptr checked it) that stays ours and unchanged while pinned; the
-        // piece has room for one more segment (checked above), so nothing reallocates.
-        if unsafe { io.push_seg_raw(ptr, iova, (e - s) as u32) }.is_err() {
+        if slot > MAX_LENT_SLOT {
             return false;
         }
-        let Some(seq) = book.lend(((io.ctx >> 32) & 0xffff) as usize, slot) else {
-            io.truncate_segs(io.segs().len() - 1);
-            return false;
-        };
+        let Some(seq) = book.lend(((io.ctx >> 32) & 0xffff) as usize, slot) else { return false };
         self.pages.pin(slot);
         self.pages.touch(slot);
-        io.ctx2 = LENT | (u64::from(self.shard) << 32) | u64::from(seq as u32);
+        // The loan travels in `ctx2` alone (slot, number, shard): the piece's segment array stays untouched here, so
+        // its cache line never crosses back and forth.
+        io.ctx2 = lent_ctx2(self.shard, slot, seq);
         bump(&self.stats.loans);
         true
+    }
+
+    /// Host address of slot 0 and the bytes of all slots.
+    pub(crate) fn pages_region(&self) -> (std::ptr::NonNull<u8>, u64) {
+        self.pages.region()
     }
 
     /// Unpin the pages of loans the channels have finished with.

@@ -12,6 +12,9 @@
 
 /// Loans a shard may have out to one channel before it copies instead of lending (a limit in DESIGN.md).
 pub const LOAN_WINDOW: u64 = 1024;
+/// Bits of a loan's number that travel with it (the window is far smaller, so the rest is implied).
+pub(crate) const SEQ_BITS: u32 = 24;
+const SEQ_MASK: u32 = (1 << SEQ_BITS) - 1;
 const WORDS: usize = (LOAN_WINDOW / 64) as usize;
 
 /// One channel's loans from this shard, in lend order.
@@ -107,10 +110,10 @@ impl LoanWindow {
         LoanWindow { base, done: [0; WORDS] }
     }
 
-    /// Loan `seq` (its low 32 bits, as it travels) is done. Returns the new watermark, or `None` when the number
-    /// is outside the window (a bug: nothing changes).
-    pub(crate) fn finish(&mut self, seq32: u32) -> Option<u64> {
-        let off = u64::from(seq32.wrapping_sub(self.base as u32));
+    /// Loan `seq` (its low [`SEQ_BITS`] bits, as it travels) is done. Returns the new watermark, or `None` when the
+    /// number is outside the window (a bug: nothing changes).
+    pub(crate) fn finish(&mut self, seq_low: u32) -> Option<u64> {
+        let off = u64::from(seq_low.wrapping_sub(self.base as u32) & SEQ_MASK);
         if off >= LOAN_WINDOW {
             return None;
         }
@@ -157,6 +160,7 @@ mod tests {
         // A finish outside the window or twice is refused.
         assert_eq!(win.finish(2), None);
         assert_eq!(win.finish(3 + LOAN_WINDOW as u32), None);
+        assert_eq!(win.finish(SEQ_MASK), None, "far behind the window");
         acked.set(win.finish(4).unwrap());
         assert_eq!(acked.get(), 3);
         acked.set(win.finish(3).unwrap());
@@ -166,7 +170,7 @@ mod tests {
     }
 
     #[test]
-    fn a_full_window_refuses_loans_until_released_and_numbers_wrap_32_bits() {
+    fn a_full_window_refuses_loans_until_released_and_numbers_wrap() {
         let mut book = LoanBook::new(1);
         for s in 0..LOAN_WINDOW {
             assert!(book.lend(0, s as u32).is_some());
@@ -175,11 +179,12 @@ mod tests {
         assert_eq!(book.lend(5, 7), None, "unknown channel id");
         book.reclaim(|_| LOAN_WINDOW, |_| {});
         assert_eq!(book.outstanding(), 0);
-        // Windows near the 32-bit wrap of the travelling number.
-        let base = u64::from(u32::MAX) - 1;
+        // Windows near the wrap of the travelling number.
+        let low = |x: u64| (x as u32) & SEQ_MASK;
+        let base = u64::from(SEQ_MASK) - 1 + (5 << SEQ_BITS);
         let mut win = LoanWindow::starting_at(base);
-        assert_eq!(win.finish((base + 2) as u32), Some(base));
-        assert_eq!(win.finish(base as u32), Some(base + 1));
-        assert_eq!(win.finish((base + 1) as u32), Some(base + 3));
+        assert_eq!(win.finish(low(base + 2)), Some(base));
+        assert_eq!(win.finish(low(base)), Some(base + 1));
+        assert_eq!(win.finish(low(base + 1)), Some(base + 3));
     }
 }

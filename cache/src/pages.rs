@@ -223,6 +223,12 @@ impl Pages {
         self.dev_page.iter().filter(|&&p| p == RETIRED).count() as u32
     }
 
+    /// Host address of slot 0 and the bytes of all slots (for channels that copy out of lent pages).
+    pub fn region(&self) -> (NonNull<u8>, u64) {
+        // The region is never empty (at least one slot), so its address is not null.
+        (NonNull::new(self.region.as_ptr()).unwrap_or(NonNull::dangling()), self.region.len())
+    }
+
     /// The arena byte range of all slots.
     pub fn arena_range(&self, arena: &Arena) -> Option<(u64, u64)> {
         let base = arena.offset_of(self.region.as_ptr() as usize)?;

@@ -44,6 +44,7 @@ use nvstack_driver::dma::Arena;
 
 use crate::bdev::{CacheBdev, CacheChannel, CacheConfig, CacheStats};
 use crate::loans::LoanWindow;
+use crate::pages::PAGE_BYTES;
 use crate::stripe::{seg_slices, StripeMap};
 use crate::CacheError;
 
@@ -55,9 +56,37 @@ pub const MAX_USER_SEGS: u32 = 32;
 pub const MAX_CHANNELS: usize = 64;
 /// `ctx2` of a piece: the channel takes a read loan instead of a copy (set by the channel on remote read pieces).
 pub(crate) const LEND_OK: u64 = 1 << 63;
-/// `ctx2` of a finished piece: its page is lent. The last segment is the page's bytes; bits 0..32 are the loan's
-/// number and bits 32..48 the lending shard.
+/// `ctx2` of a finished piece: its page is lent. Bits 0..14 name the lending shard, 14..38 the page's slot there,
+/// 38..62 the loan's number (its low 24 bits); the bytes are the piece's own offset within that page.
 pub(crate) const LENT: u64 = 1 << 62;
+/// Largest slot a loan can name (24 bits: 64 GiB of pages per shard; beyond, hits are copied).
+pub(crate) const MAX_LENT_SLOT: u32 = (1 << 24) - 1;
+const _: () = assert!(crate::loans::SEQ_BITS == 24);
+
+/// The `ctx2` of a piece whose page (slot `slot` of shard `shard`) is lent as loan number `seq`.
+#[inline]
+pub(crate) fn lent_ctx2(shard: u32, slot: u32, seq: u64) -> u64 {
+    LENT | ((seq & 0xff_ffff) << 38) | (u64::from(slot & MAX_LENT_SLOT) << 14) | u64::from(shard & 0x3fff)
+}
+
+/// A lent page's whereabouts, decoded from `ctx2`: (shard, slot, low bits of the loan's number).
+#[inline]
+fn lent_parts(ctx2: u64) -> (usize, u64, u32) {
+    ((ctx2 & 0x3fff) as usize, (ctx2 >> 14) & u64::from(MAX_LENT_SLOT), ((ctx2 >> 38) & 0xff_ffff) as u32)
+}
+
+/// Where a shard's pages are, for channels copying out of lent ones.
+#[derive(Debug, Clone, Copy)]
+struct PagesRegion {
+    base: NonNull<u8>,
+    len: u64,
+}
+
+// SAFETY: a description of the shard's page memory (owned by its engine, alive until the shard stops, which waits
+// for every loan to end); channels only read lent pages through it.
+unsafe impl Send for PagesRegion {}
+// SAFETY: as above: shared read-only.
+unsafe impl Sync for PagesRegion {}
 /// How long a stopping shard waits for channels to end their read loans before it leaks its pages instead.
 const LOAN_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Entries in each shard's inbox and each channel's completion ring.
@@ -101,6 +130,8 @@ pub(crate) struct ShardSlot {
     state: AtomicU8,
     /// The arena byte range of this shard's pages (for "which shard caches this arena page").
     arena_range: OnceLock<(u64, u64)>,
+    /// The shard's page memory (channels copy lent pages out of it).
+    pages: OnceLock<PagesRegion>,
     /// The engine, for channels running on the shard's own thread (the local fast path); null when none.
     engine: AtomicPtr<CacheChannel>,
     /// [`thread_tag`] of the shard's reactor thread (0: none yet).
@@ -143,6 +174,7 @@ impl Shared {
                     stats: Arc::new(CacheStats::default()),
                     state: AtomicU8::new(SHARD_NONE),
                     arena_range: OnceLock::new(),
+                    pages: OnceLock::new(),
                     engine: AtomicPtr::new(std::ptr::null_mut()),
                     thread: AtomicU64::new(0),
                     final_back: ArrayQueue::new(1),
@@ -297,6 +329,8 @@ impl CacheBdev {
                         if let Some(r) = engine.arena_range() {
                             shared.set_arena_range(shard, r);
                         }
+                        let (base, len) = engine.pages_region();
+                        let _ = shared.shards[shard as usize].pages.set(PagesRegion { base, len });
                         shared.shards[shard as usize].state.store(SHARD_RUNNING, Ordering::Release);
                         ctx.add_poller(Box::new(ShardPoller::new(shared, shard, engine)));
                         let _ = tx.send((shard, Ok(())));
@@ -687,21 +721,29 @@ impl StripedChannel {
         }
     }
 
-    /// A read piece came back as a loan: copy the lent page bytes (its last segment) into the caller's segments
-    /// (the ones before), then publish that the loan is over.
-    fn take_loan(&mut self, piece: &IoDesc) {
-        let seq = piece.ctx2 as u32;
-        let shard = ((piece.ctx2 >> 32) & 0xffff) as usize;
-        let segs = piece.segs();
-        if let Some((src, dst)) = segs.split_last() {
-            let (mut done, total) = (0usize, src.len() as usize);
-            for d in dst {
-                let n = (d.len() as usize).min(total - done);
-                // SAFETY: the destination is the first `n` bytes of a caller's segment (lent to us until its request
-                // completes, after this); the source is bytes `done..done + n` of the lent page (`done + n <= total`),
-                // which its shard leaves unchanged until we publish the loan's end below.
-                unsafe { std::ptr::copy_nonoverlapping(src.ptr().as_ptr().add(done), d.ptr().as_ptr(), n) };
-                done += n;
+    /// A read piece came back as a loan: copy the lent page's bytes into the caller's segments, then publish that
+    /// the loan is over.
+    fn take_loan(&mut self, piece: &mut IoDesc) {
+        let (shard, slot, seq) = lent_parts(piece.ctx2);
+        let bs = u64::from(self.geo.block_size);
+        let (off, len) = ((piece.offset_blocks * bs) % PAGE_BYTES, piece.num_blocks * bs);
+        let at = slot * PAGE_BYTES + off;
+        match self.shared.shards.get(shard).and_then(|s| s.pages.get()) {
+            Some(region) if at + len <= region.len => {
+                let mut done = 0u64;
+                for d in piece.segs() {
+                    let n = u64::from(d.len()).min(len - done);
+                    // SAFETY: the destination is the first `n` bytes of a caller's segment (lent to us until its
+                    // request completes, after this). The source is bytes `at + done .. at + done + n` of the shard's
+                    // page memory (inside it: checked above, `done + n <= len`), a page its shard pinned for this
+                    // loan and leaves unchanged until we publish the loan's end below.
+                    unsafe { std::ptr::copy_nonoverlapping(region.base.as_ptr().add((at + done) as usize), d.ptr().as_ptr(), n as usize) };
+                    done += n;
+                }
+            }
+            _ => {
+                tracing::error!(shard, slot, "cache: a read loan names a page outside its shard");
+                piece.status = IoStatus::Failed(IoError::Aborted);
             }
         }
         match self.windows.get_mut(shard).map(|w| w.finish(seq)) {
@@ -717,7 +759,7 @@ impl StripedChannel {
 
     fn piece_done(&mut self, mut piece: Box<IoDesc>) {
         if piece.ctx2 & LENT != 0 {
-            self.take_loan(&piece);
+            self.take_loan(&mut piece);
             piece.ctx2 = 0;
         }
         let p = (piece.ctx & 0xffff_ffff) as usize;
