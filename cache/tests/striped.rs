@@ -600,3 +600,85 @@ fn write_zeroes_across_many_stripes_goes_through_in_batches() {
     drop(cache);
     reactors.stop().expect("stop");
 }
+
+/// A read loan keeps its page unchanged until the reader has copied it: a write to a lent page waits (it is retried)
+/// until the channel that holds the loan takes its piece back; the read returns the data from before the write, and
+/// the write then goes through.
+#[test]
+fn a_write_to_a_lent_page_waits_until_the_loan_ends() {
+    let arena = Arena::new(ArenaConfig { size_bytes: 16 << 20, require_hugepages: false, try_1g: false }).expect("arena");
+    let backing: Arc<dyn BlockDev> = MallocBdev::new("Malloc0", 4 << 20, BS as u32).expect("malloc");
+    let cores = nvstack_blockdev::coremask::allowed_cores();
+    let mut rc = ReactorConfig::new((0..WORKERS).map(|i| cores[i % cores.len()]).collect());
+    rc.pin = false;
+    rc.idle_backoff_rounds = Some(1000);
+    let reactors = Reactors::start(rc).expect("reactors");
+    let cfg = CacheConfig { cache_bytes: 4 << 20, stripe_bytes: STRIPE, ..CacheConfig::default() };
+    let cache = CacheBdev::new_striped(Arc::clone(&backing), Arc::clone(&arena), cfg, &reactors).expect("cache");
+    // Two channels on this thread, which runs no shard: every piece of theirs travels to a shard, and hits come back
+    // as loans.
+    let mut a = cache.open_channel(ChannelOpts { reactor_index: 0, queue_depth: 4 }).expect("channel a");
+    let mut b = cache.open_channel(ChannelOpts { reactor_index: 1, queue_depth: 4 }).expect("channel b");
+    let mut pool = BufPool::new(&arena, BLK as u32, 2, 4096, "test").expect("pool");
+    let (rbuf, wbuf) = (pool.get().expect("buf"), pool.get().expect("buf"));
+    let rptr = std::ptr::NonNull::new(rbuf.as_ptr()).expect("ptr");
+    let wptr = std::ptr::NonNull::new(wbuf.as_ptr()).expect("ptr");
+    let page = 5 * BLK;
+    let desc = |op: IoOp, ptr: std::ptr::NonNull<u8>, iova: u64| {
+        let mut d = IoDesc::new(1);
+        // SAFETY: the buffers outlive every request of this test, each of which completes before the test ends.
+        unsafe { d.push_seg_raw(ptr, iova, BLK as u32) }.expect("seg");
+        d.prepare(op, page / BS, BLK / BS);
+        d
+    };
+    // The page holds 0x11, cached (the write leaves it dirty and UPTODATE).
+    // SAFETY: no request is in flight on the write buffer.
+    unsafe { std::ptr::write_bytes(wptr.as_ptr(), 0x11, BLK as usize) };
+    let d = run_sync(b.as_mut(), desc(IoOp::Write, wptr, wbuf.iova()), Duration::from_secs(10)).expect("write 0x11");
+    assert_eq!(d.status, IoStatus::Success);
+    // A reads it: the shard lends the page; A does not poll yet, so the loan stays out.
+    let loans0 = cache.stats().loans.load(Ordering::Relaxed);
+    a.submit(desc(IoOp::Read, rptr, rbuf.iova())).map_err(|r| r.why).expect("submit read");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cache.stats().loans.load(Ordering::Relaxed) == loans0 {
+        assert!(Instant::now() < deadline, "the shard never lent the page");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // B overwrites the page with 0x22: it must wait for the loan.
+    // SAFETY: no request is in flight on the write buffer.
+    unsafe { std::ptr::write_bytes(wptr.as_ptr(), 0x22, BLK as usize) };
+    b.submit(desc(IoOp::Write, wptr, wbuf.iova())).map_err(|r| r.why).expect("submit write");
+    let mut done = Vec::with_capacity(4);
+    let hold = Instant::now() + Duration::from_millis(200);
+    while Instant::now() < hold {
+        b.poll(&mut done);
+        assert!(done.is_empty(), "the write completed while its page was lent");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(cache.stats().loan_waits.load(Ordering::Relaxed) > 0, "the write never met the loan");
+    // A takes its piece back: the read returns the data from before the write.
+    let mut got = Vec::with_capacity(4);
+    while got.is_empty() {
+        assert!(Instant::now() < deadline, "the read never completed");
+        a.poll(&mut got);
+    }
+    assert_eq!(got[0].status, IoStatus::Success);
+    let mut data = vec![0u8; BLK as usize];
+    // SAFETY: the read completed into the read buffer; BLK bytes are valid.
+    unsafe { std::ptr::copy_nonoverlapping(rptr.as_ptr(), data.as_mut_ptr(), BLK as usize) };
+    assert!(data.iter().all(|&x| x == 0x11), "the read saw the later write");
+    // The loan is over: the write goes through, and a new read sees it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while done.is_empty() {
+        assert!(Instant::now() < deadline, "the write never completed after the loan ended");
+        b.poll(&mut done);
+    }
+    assert_eq!(done[0].status, IoStatus::Success);
+    let d = run_sync(a.as_mut(), desc(IoOp::Read, rptr, rbuf.iova()), Duration::from_secs(10)).expect("read again");
+    assert_eq!(d.status, IoStatus::Success);
+    // SAFETY: as above.
+    unsafe { std::ptr::copy_nonoverlapping(rptr.as_ptr(), data.as_mut_ptr(), BLK as usize) };
+    assert!(data.iter().all(|&x| x == 0x22), "the write was lost");
+    drop((a, b));
+    drop(cache);
+}
