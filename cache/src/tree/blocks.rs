@@ -1,37 +1,50 @@
 //! The ordered container under a state tree: a two-level sorted array ("blocked array", a B+tree of height two).
 //!
-//! - Ranges live in fixed-size blocks of [`CAP`] entries, stored column-wise (all starts together, all ends...), so
-//!   a search in a block touches a few cache lines of starts or ends. Blocks come from a pool reserved at start.
+//! - Ranges live in fixed-size blocks of [`CAP`] entries, stored column-wise (all starts together, all ends...), so a
+//!   search in a block touches a few cache lines of starts or ends. Blocks come from a pool reserved at start.
 //! - A top-level index holds, per block in order, its first start and its pool id, in two `Vec`s reserved at start
-//!   (`Vec::insert`/`remove` within capacity never allocate). A summary of every 64th key (a few KiB, stays in
-//!   cache) is searched first, then one 64-key segment of the index, whose lines are prefetched together.
-//! - A lookup prefetches the whole block before searching it (1 M ranges are ~36 MiB: the block is rarely cached),
-//!   so its misses overlap: about one memory latency per lookup. A finger remembers the block of the last lookup
-//!   (checked against the index keys), so the several lookups of one operation skip the index.
-//! - A full block first spills entries into a neighbour with room (no index insert); only when neither has room does
-//!   it split in two halves (an index insert, a memmove of the index). Appends at the very end of the tree (a
-//!   sequential fill) leave each block an eighth empty, as B-tree bulk loads do. After a removal a block merges with
-//!   a neighbour when both fit in half a block; an empty block returns to the pool. Positions ([`Pos`]) are valid
-//!   until the next insert or remove.
+//!   (`Vec::insert`/`remove` within capacity never allocate). A summary of every 64th key (a few KiB, stays in cache)
+//!   is searched first, then one 64-key segment of the index, whose lines are prefetched together.
+//! - A lookup prefetches the whole block before searching it (1 M ranges are ~36 MiB: the block is rarely cached), so
+//!   its misses overlap: about one memory latency per lookup. The columns are laid out (and prefetched) in the order a
+//!   lookup waits on them: `end` (the search), then the line holding `bits` and `len`, then the rest. A finger
+//!   remembers the block of the last lookup (checked against the index keys), so the several lookups of one operation
+//!   skip the index.
+//! - A full block first spills entries into a neighbour with room (no index insert); only when neither has room does it
+//!   split in two halves (an index insert, a memmove of the index). Appends at the very end of the tree (a sequential
+//!   fill) leave each block an eighth empty, as B-tree bulk loads do. After a removal a block merges with a neighbour
+//!   when both fit in half a block (a neighbour's length, another miss, is read only when this block is under half
+//!   full); an empty block returns to the pool. A split of one range in three makes room for both new entries at once
+//!   (one spill or split, one shift); a merge of three ranges in one removes two with one shift. Positions ([`Pos`])
+//!   are valid until the next insert or remove.
 //!
 //! Why not a binary tree: with 1 M ranges a pointer-linked tree costs ~20-30 cache misses per lookup and one more
 //! descent per successor; this layout costs a handful, and walking to the next range is an index increment.
 
-/// Hint the CPU to fetch the cache lines of `s` (no effect on other architectures).
+/// Hint the CPU to fetch the cache lines holding bytes `from..to` of `*v` (no effect on other architectures).
 #[inline(always)]
-fn prefetch<T>(s: &[T]) {
+fn prefetch_bytes<T: ?Sized>(v: &T, from: usize, to: usize) {
     #[cfg(target_arch = "x86_64")]
     {
-        let p = s.as_ptr().cast::<i8>();
-        let mut off = 0;
-        while off < std::mem::size_of_val(s) {
-            // SAFETY: a prefetch is a hint that never faults or changes memory; the address is inside `s`.
-            unsafe { std::arch::x86_64::_mm_prefetch(p.wrapping_add(off), std::arch::x86_64::_MM_HINT_T0) };
+        let base = (v as *const T).cast::<i8>();
+        let to = to.min(std::mem::size_of_val(v));
+        // From the line holding byte `from` to the line holding byte `to - 1`.
+        let mut off = from.saturating_sub(base.wrapping_add(from) as usize % 64);
+        while off < to {
+            // SAFETY: a prefetch is a hint that never faults or changes memory (even for an address outside `v`,
+            // which this is not: `off` is in `from..to` or on the start of the line holding `from`).
+            unsafe { std::arch::x86_64::_mm_prefetch(base.wrapping_add(off), std::arch::x86_64::_MM_HINT_T0) };
             off += 64;
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = s;
+    let _ = (v, from, to);
+}
+
+/// Hint the CPU to fetch the cache lines of `s`.
+#[inline(always)]
+fn prefetch<T>(s: &[T]) {
+    prefetch_bytes(s, 0, std::mem::size_of_val(s));
 }
 
 /// Keys per segment of the top-level index (one summary entry each).
@@ -53,21 +66,29 @@ pub(crate) struct Entry {
 /// Bytes one range slot takes in a block: start 8 + end 8 + time 4 + client 2 + bits 1.
 pub const SLOT_BYTES: usize = 8 + 8 + 4 + 2 + 1;
 
+/// Columns in the order a lookup needs them: `end` (the search), then `bits` and `len` on the next line (the
+/// length bounds the search; `bits` is what a find tests first), then the rest.
 #[derive(Clone, Copy)]
+#[repr(C)]
 struct Block {
-    start: [u64; CAP],
     end: [u64; CAP],
-    time: [u32; CAP],
-    client: [u16; CAP],
     bits: [u8; CAP],
     len: u32,
+    client: [u16; CAP],
+    time: [u32; CAP],
+    start: [u64; CAP],
 }
+
+/// Byte offset of `bits` in a block (the line that also holds `len`).
+const BITS_OFFSET: usize = 8 * CAP;
+/// Byte offset just past `len`.
+const LEN_END: usize = BITS_OFFSET + CAP + 4;
 
 // The slot size above is what a block really spends per entry (plus a 4-byte length per block).
 const _: () = assert!(std::mem::size_of::<Block>() <= SLOT_BYTES * CAP + 8);
 
 const EMPTY_BLOCK: Block =
-    Block { start: [0; CAP], end: [0; CAP], time: [0; CAP], client: [0; CAP], bits: [0; CAP], len: 0 };
+    Block { end: [0; CAP], bits: [0; CAP], len: 0, client: [0; CAP], time: [0; CAP], start: [0; CAP] };
 
 /// Blocks the pool holds per block's worth of configured ranges, as a ratio (3/2): room to split before the tree
 /// must compact.
@@ -220,7 +241,10 @@ impl Blocks {
         // A block is ~1.5 KiB that is rarely in cache (1 M ranges are ~36 MiB): ask for all its lines at once (the
         // search, the caller's reads and an insert's shifts touch most of them), so their misses overlap instead of
         // following one another. Before reading anything of it, `len` included.
-        prefetch(std::slice::from_ref(b));
+        // The `len` line and the `end` column first: the search waits on them.
+        prefetch_bytes(b, BITS_OFFSET, LEN_END);
+        prefetch_bytes(b, 0, BITS_OFFSET);
+        prefetch_bytes(b, LEN_END, std::mem::size_of::<Block>());
         let len = b.len as usize;
         let i = b.end[..len].partition_point(|&e| e <= x);
         if i < b.len as usize {
@@ -301,38 +325,49 @@ impl Blocks {
             }
         }
         if self.len_of(p.t) == self.cap {
-            if let Some(q) = self.spill(p) {
-                p = q;
-                return Some(self.insert_here(p, e));
-            }
-            let id = self.free.pop()?;
-            self.pool[id as usize].len = 0;
-            if p.i == self.cap {
-                // Appending to a full block: start a new one after it (sequential fills leave full blocks).
-                self.keys.insert(p.t as usize + 1, e.start);
-                self.ids.insert(p.t as usize + 1, id);
-                self.resummarize(p.t as usize + 1);
-                p = Pos { t: p.t + 1, i: 0 };
-            } else if p.i == 0 {
-                // Prepending: a new block before it.
-                self.keys.insert(p.t as usize, e.start);
-                self.ids.insert(p.t as usize, id);
-                self.resummarize(p.t as usize);
-            } else {
-                let full = self.cap as usize;
-                let half = full / 2;
-                let src = self.ids[p.t as usize];
-                self.move_front(id, src, half, full - half);
-                let key = self.pool[id as usize].start[0];
-                self.keys.insert(p.t as usize + 1, key);
-                self.ids.insert(p.t as usize + 1, id);
-                self.resummarize(p.t as usize + 1);
-                if p.i as usize > half {
-                    p = Pos { t: p.t + 1, i: p.i - half as u32 };
-                }
-            }
+            p = self.make_room(p, 1)?;
         }
         Some(self.insert_here(p, e))
+    }
+
+    /// Make room for `need` entries (1 or 2) at insertion point `p` of a block that lacks it: spill into a
+    /// neighbour, else split the block (or start a new block when `p` is at either end of it). Returns where to
+    /// insert now, or `None` when a split needed a free block and there was none (nothing changed then).
+    fn make_room(&mut self, p: Pos, need: u32) -> Option<Pos> {
+        let len = self.len_of(p.t);
+        if len + need <= self.cap {
+            return Some(p);
+        }
+        if let Some(q) = self.spill(p, need) {
+            return Some(q);
+        }
+        let id = self.free.pop()?;
+        self.pool[id as usize].len = 0;
+        let t = p.t as usize;
+        // The new block's index key is set by the insert that follows (it inserts at its slot 0) or, for a split,
+        // here; until then it repeats its neighbour's, which keeps the index sorted.
+        if p.i == len {
+            // Appending to a full block: start a new one after it (sequential fills leave full blocks).
+            self.keys.insert(t + 1, self.keys[t]);
+            self.ids.insert(t + 1, id);
+            self.resummarize(t + 1);
+            Some(Pos { t: p.t + 1, i: 0 })
+        } else if p.i == 0 {
+            // Prepending: a new block before it.
+            self.keys.insert(t, self.keys[t]);
+            self.ids.insert(t, id);
+            self.resummarize(t);
+            Some(p)
+        } else {
+            let half = len as usize / 2;
+            let src = self.ids[t];
+            self.move_front(id, src, half, len as usize - half);
+            let key = self.pool[id as usize].start[0];
+            self.keys.insert(t + 1, key);
+            self.ids.insert(t + 1, id);
+            self.resummarize(t + 1);
+            Some(if p.i as usize > half { Pos { t: p.t + 1, i: p.i - half as u32 } } else { p })
+        }
     }
 
     /// Insert `e` at `p`, in a block that has room.
@@ -358,16 +393,17 @@ impl Blocks {
         p
     }
 
-    /// Insert `a` then `b` (consecutive) at `at` when its block has room for both: one shift instead of two. `None`:
-    /// no room; nothing changed (insert them one by one).
+    /// Insert `a` then `b` (consecutive) at `at`, making room for both at once (one spill or split, one shift).
+    /// `None`: a split needed a free block and there was none; nothing changed.
     pub(crate) fn insert_two(&mut self, at: Pos, a: Entry, b: Entry) -> Option<Pos> {
-        let i = at.i as usize;
-        let cap = self.cap as usize;
-        let blk = self.blk_mut(at.t);
-        let len = blk.len as usize;
-        if len + 2 > cap || i > len {
+        if self.cap < 4 || at.i > self.len_of(at.t) {
+            // Tiny test blocks: a block may not hold both after a split; insert one by one.
             return None;
         }
+        let at = self.make_room(at, 2)?;
+        let i = at.i as usize;
+        let blk = self.blk_mut(at.t);
+        let len = blk.len as usize;
         blk.start.copy_within(i..len, i + 2);
         blk.end.copy_within(i..len, i + 2);
         blk.time.copy_within(i..len, i + 2);
@@ -388,25 +424,28 @@ impl Blocks {
         Some(at)
     }
 
-    /// Block `p.t` is full: make room by shifting entries into a neighbour that has some, rather than splitting
-    /// (a split inserts into the top-level index, a memmove of the whole index). Returns where to insert now, or
-    /// `None` when neither neighbour has room for at least two.
-    fn spill(&mut self, p: Pos) -> Option<Pos> {
+    /// Block `p.t` lacks room for `need` entries: make room by shifting entries into a neighbour that has some,
+    /// rather than splitting (a split inserts into the top-level index, a memmove of the whole index). Returns where
+    /// to insert now, or `None` when neither neighbour has room for at least `2 * need`.
+    fn spill(&mut self, p: Pos, need: u32) -> Option<Pos> {
         let cap = self.cap as usize;
         let t = p.t as usize;
+        let len = self.len_of(p.t) as usize;
+        let need = need as usize;
         if t + 1 < self.keys.len() {
             let room = cap - self.len_of(p.t + 1) as usize;
-            if room >= 2 {
+            if room >= 2 * need {
+                // Block t keeps `len - k` entries and gains `k >= need` of room; block t + 1 keeps `room - k >= need`.
                 let k = room / 2;
                 self.move_tail_to_next(p.t, k);
-                let keep = (cap - k) as u32;
+                let keep = (len - k) as u32;
                 return Some(if p.i > keep { Pos { t: p.t + 1, i: p.i - keep } } else { p });
             }
         }
         if t > 0 {
             let left_len = self.len_of(p.t - 1);
             let room = cap - left_len as usize;
-            if room >= 2 {
+            if room >= 2 * need {
                 let k = room / 2;
                 self.move_front(self.ids[t - 1], self.ids[t], 0, k);
                 self.set_key(t, self.pool[self.ids[t] as usize].start[0]);
@@ -449,18 +488,26 @@ impl Blocks {
     /// both fit in one. Returns whether blocks were restructured: if not, positions before `p` are still valid;
     /// if so, every position is invalid.
     pub(crate) fn remove(&mut self, p: Pos) -> bool {
+        self.remove_n(p, 1)
+    }
+
+    /// Remove the `k` entries from `p` on, all in `p`'s block (`p.i + k` at most its length), with one shift.
+    /// Returns as [`Blocks::remove`].
+    pub(crate) fn remove_n(&mut self, p: Pos, k: u32) -> bool {
         let i = p.i as usize;
+        let k_us = k as usize;
         let b = self.blk_mut(p.t);
         let len = b.len as usize;
-        b.start.copy_within(i + 1..len, i);
-        b.end.copy_within(i + 1..len, i);
-        b.time.copy_within(i + 1..len, i);
-        b.client.copy_within(i + 1..len, i);
-        b.bits.copy_within(i + 1..len, i);
-        b.len -= 1;
+        debug_assert!(k >= 1 && i + k_us <= len, "remove_n past the end of its block");
+        b.start.copy_within(i + k_us..len, i);
+        b.end.copy_within(i + k_us..len, i);
+        b.time.copy_within(i + k_us..len, i);
+        b.client.copy_within(i + k_us..len, i);
+        b.bits.copy_within(i + k_us..len, i);
+        b.len -= k;
         let new_len = b.len;
         let first = b.start[0];
-        self.entries -= 1;
+        self.entries -= k;
         if new_len == 0 {
             let id = self.ids.remove(p.t as usize);
             self.keys.remove(p.t as usize);
@@ -475,6 +522,10 @@ impl Blocks {
         // alternating on the same blocks (each moves the top-level index). Capacity does not depend on merging:
         // `compact` repacks when blocks run out.
         let limit = self.cap / 2;
+        if new_len >= limit {
+            // No neighbour can fit too (it has at least one entry): skip reading its length, a cache miss.
+            return false;
+        }
         if (p.t as usize) + 1 < self.keys.len() && new_len + self.len_of(p.t + 1) <= limit {
             self.merge_with_next(p.t);
             // Block t grew at its end: positions before p are unchanged.

@@ -382,6 +382,19 @@ impl StateTree {
             return true;
         }
         self.t.set_state(p, new.bits.0, new.tag.client, new.tag.time);
+        let (prev, next) = (self.t.prev(p), self.t.next(p));
+        if let (Some(b), Some(n)) = (prev, next) {
+            if n.t == p.t {
+                let (be, ne) = (self.t.get(b), self.t.get(n));
+                if be.end == start && ne.start == end && state_of(&be) == new && state_of(&ne) == new {
+                    // Both neighbours join (three ranges become one): stretch the one before over both, and remove
+                    // this one and the one after (same block) with one shift.
+                    self.t.set_end(b, ne.end);
+                    self.t.remove_n(p, 2);
+                    return true;
+                }
+            }
+        }
         let mut p = p;
         let mut cur_end = end;
         if let Some(n) = self.t.next(p) {
@@ -771,5 +784,121 @@ impl StateTree {
             return Err(format!("byte totals {:?} != recomputed {:?}", self.bytes_with, totals));
         }
         self.waiters.check(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The in-place fast paths (split one range in three or two, merge three into one, block splits and spills made
+    //! for two entries at once) on trees with many ranges and small blocks, against a per-byte model.
+    use super::*;
+    use proptest::prelude::*;
+
+    const RANGES: u64 = 300;
+    const STRIDE: u64 = 8;
+    const SPACE: u64 = RANGES * STRIDE;
+
+    #[derive(Debug, Clone, Copy)]
+    enum Op {
+        /// Set DIRTY (tag client) on `[s, e)` inside range `r`.
+        SetIn(u64, u64, u64, u16),
+        /// Clear DIRTY on `[s, e)` inside range `r`.
+        ClearIn(u64, u64, u64),
+        /// Lock then unlock `[s, e)` inside range `r`, checking the lock in between.
+        LockIn(u64, u64, u64),
+        /// Set UPTODATE over a span of ranges and the gaps between them.
+        SetSpan(u64, u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        // Offsets inside a 4-byte range: start 0..4, length 1..=4-start.
+        let sub = (0..RANGES, 0..4u64, 1..5u64).prop_map(|(r, s, l)| (r, s, (s + l).min(4)));
+        prop_oneof![
+            4 => (sub.clone(), 1..4u16).prop_map(|((r, s, e), c)| Op::SetIn(r, s, e, c)),
+            3 => sub.clone().prop_map(|(r, s, e)| Op::ClearIn(r, s, e)),
+            3 => sub.prop_map(|(r, s, e)| Op::LockIn(r, s, e)),
+            1 => (0..SPACE, 1..40u64).prop_map(|(s, l)| Op::SetSpan(s, (s + l).min(SPACE))),
+        ]
+    }
+
+    fn apply(m: &mut [State], s: u64, e: u64, c: Change) {
+        for st in &mut m[s as usize..e as usize] {
+            *st = c.apply(*st);
+        }
+    }
+
+    fn compare(t: &StateTree, m: &[State]) -> Result<(), TestCaseError> {
+        t.check_invariants().map_err(TestCaseError::fail)?;
+        let mut got = vec![State::default(); m.len()];
+        t.for_each(0, SPACE, |x| {
+            for st in &mut got[x.start as usize..x.end as usize] {
+                *st = x.state;
+            }
+            true
+        });
+        prop_assert_eq!(&got[..], m);
+        Ok(())
+    }
+
+    fn run(block_entries: u32, ops: &[Op]) -> Result<(), TestCaseError> {
+        let cfg = TreeConfig { max_ranges: 4096, max_waiters: 4 };
+        let mut t = StateTree::with_block_entries(cfg, block_entries).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let mut m = vec![State::default(); SPACE as usize];
+        let up = Change { set: Bits::UPTODATE.0, clear: 0, tag: Tag::NONE };
+        for r in 0..RANGES {
+            let (s, e) = (r * STRIDE, r * STRIDE + 4);
+            t.set(s, e, Bits::UPTODATE, Tag::NONE).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            apply(&mut m, r * STRIDE, r * STRIDE + 4, up);
+        }
+        compare(&t, &m)?;
+        let mut woken = Vec::with_capacity(4);
+        for (step, &o) in ops.iter().enumerate() {
+            match o {
+                Op::SetIn(r, s, e, client) => {
+                    let (s, e) = (r * STRIDE + s, r * STRIDE + e);
+                    let tag = Tag { client, time: step as u32 };
+                    t.set(s, e, Bits::DIRTY, tag).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    apply(&mut m, s, e, Change { set: Bits::DIRTY.0, clear: 0, tag });
+                }
+                Op::ClearIn(r, s, e) => {
+                    let (s, e) = (r * STRIDE + s, r * STRIDE + e);
+                    t.clear(s, e, Bits::DIRTY).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    apply(&mut m, s, e, Change { set: 0, clear: Bits::DIRTY.0, tag: Tag::NONE });
+                }
+                Op::LockIn(r, s, e) => {
+                    let (s, e) = (r * STRIDE + s, r * STRIDE + e);
+                    let got = t.lock(s, e, step as u64).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    prop_assert_eq!(got, lock::LockOutcome::Granted);
+                    apply(&mut m, s, e, Change { set: Bits::LOCKED.0, clear: 0, tag: Tag::NONE });
+                    compare(&t, &m)?;
+                    woken.clear();
+                    t.unlock(s, e, &mut woken).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    prop_assert!(woken.is_empty());
+                    apply(&mut m, s, e, Change { set: 0, clear: Bits::LOCKED.0, tag: Tag::NONE });
+                }
+                Op::SetSpan(s, e) => {
+                    t.set(s, e, Bits::UPTODATE, Tag::NONE).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    apply(&mut m, s, e, up);
+                }
+            }
+            compare(&t, &m)?;
+        }
+        Ok(())
+    }
+
+    proptest! {
+        // 300 cases unless PROPTEST_CASES asks for another number.
+        #![proptest_config(ProptestConfig {
+            cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(300),
+            ..ProptestConfig::default()
+        })]
+        /// Sub-range sets, clears and lock/unlock pairs over 300 ranges, in blocks of 4, 5, 8 and 64 entries.
+        #[test]
+        fn sub_range_changes_match_a_byte_model(
+            block_entries in prop_oneof![Just(4u32), Just(5), Just(8), Just(64)],
+            ops in proptest::collection::vec(op(), 1..200),
+        ) {
+            run(block_entries, &ops)?;
+        }
     }
 }
