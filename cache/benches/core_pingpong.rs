@@ -4,6 +4,7 @@
 //! (hundreds), and the figures move with it.
 //!
 //! Run with `cargo bench -q -p nvstack-cache --bench core_pingpong` (used by `bench/cache-scaling.sh`).
+//! `PINGPONG_CPUS=a,b` picks another pair (default `0,1`), to map a larger machine's cores.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -21,11 +22,25 @@ fn pin(cpu: usize) -> bool {
     }
 }
 
+/// The CPU pair from `PINGPONG_CPUS` ("a,b"), or (0, 1).
+fn cpus() -> (usize, usize) {
+    let Ok(v) = std::env::var("PINGPONG_CPUS") else { return (0, 1) };
+    let mut it = v.split(',').map(|x| x.trim().parse::<usize>());
+    match (it.next(), it.next(), it.next()) {
+        (Some(Ok(a)), Some(Ok(b)), None) if a < 1024 && b < 1024 => (a, b),
+        _ => {
+            eprintln!("PINGPONG_CPUS={v:?}: expected two CPU numbers such as 0,1");
+            std::process::exit(2);
+        }
+    }
+}
+
 fn main() {
+    let (cpu_a, cpu_b) = cpus();
     let line = Arc::new(AtomicU64::new(0));
     let other = Arc::clone(&line);
     let echo = std::thread::spawn(move || {
-        let pinned = pin(1);
+        let pinned = pin(cpu_b);
         // Answer each odd value with the next even one.
         let mut want = 1;
         while want < 2 * TRIPS {
@@ -38,7 +53,7 @@ fn main() {
         }
         pinned
     });
-    let pinned = pin(0);
+    let pinned = pin(cpu_a);
     let t0 = Instant::now();
     for i in 0..TRIPS {
         line.store(2 * i + 1, Ordering::Release);
@@ -48,5 +63,5 @@ fn main() {
     }
     let ns = t0.elapsed().as_nanos() as f64 / TRIPS as f64;
     let pinned = echo.join().unwrap_or(false) && pinned;
-    println!("cross-core round trip cpu0<->cpu1: {ns:.0} ns{}", if pinned { "" } else { " (threads not pinned)" });
+    println!("cross-core round trip cpu{cpu_a}<->cpu{cpu_b}: {ns:.0} ns{}", if pinned { "" } else { " (threads not pinned)" });
 }

@@ -40,6 +40,7 @@
 
 pub mod bdev;
 pub(crate) mod loans;
+pub(crate) mod ring;
 pub mod error;
 pub mod pages;
 pub mod reverse;

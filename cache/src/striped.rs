@@ -45,6 +45,7 @@ use nvstack_driver::dma::Arena;
 use crate::bdev::{CacheBdev, CacheChannel, CacheConfig, CacheStats};
 use crate::loans::LoanWindow;
 use crate::pages::PAGE_BYTES;
+use crate::ring::PieceRing;
 use crate::stripe::{seg_slices, StripeMap};
 use crate::CacheError;
 
@@ -89,8 +90,11 @@ unsafe impl Send for PagesRegion {}
 unsafe impl Sync for PagesRegion {}
 /// How long a stopping shard waits for channels to end their read loans before it leaks its pages instead.
 const LOAN_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-/// Entries in each shard's inbox and each channel's completion ring.
-const RING_ENTRIES: usize = 8192;
+/// Most pieces one channel has.
+const MAX_PIECES: usize = 8192;
+/// Most slots in one (channel, shard) ring: a channel with more pieces than this keeps the rest back while a ring is
+/// full (8 KiB per ring).
+const MAX_RING_SLOTS: usize = 1024;
 /// Entries in each shard's control ring.
 const CONTROL_ENTRIES: usize = 64;
 /// How long a control-path call waits for the owning reactor.
@@ -105,8 +109,11 @@ struct AckLine(AtomicU64);
 
 /// What other threads may see of one channel.
 pub(crate) struct Front {
-    /// Finished pieces, handed back by the shards (and by same-thread channels that reaped them).
-    ring: ArrayQueue<Box<IoDesc>>,
+    /// Per shard: the channel's pieces to that shard (produced by the channel, consumed by the shard).
+    to_shard: Box<[PieceRing]>,
+    /// Per shard: finished pieces back from that shard (produced on the shard's thread: its poller, or a channel
+    /// there that reaped them from the engine; consumed by the channel).
+    from_shard: Box<[PieceRing]>,
     /// Per shard: every loan from it numbered below this is over (the channel copied it).
     acks: Box<[AckLine]>,
 }
@@ -124,7 +131,6 @@ const SHARD_DONE_DIRTY: u8 = 3;
 
 /// What other threads may see of one shard.
 pub(crate) struct ShardSlot {
-    inbox: ArrayQueue<Box<IoDesc>>,
     control: ArrayQueue<Control>,
     stats: Arc<CacheStats>,
     state: AtomicU8,
@@ -158,6 +164,8 @@ pub(crate) struct Shared {
     /// after a close).
     fronts: Box<[OnceLock<Front>]>,
     front_busy: Box<[AtomicBool]>,
+    /// Bit `c`: channel id `c` has its rings (set once, never cleared); the shards look for pieces there.
+    opened: AtomicU64,
     closing: AtomicBool,
     /// Serialises control-path callers (one query at a time keeps the control rings from filling).
     control_lock: Mutex<()>,
@@ -168,8 +176,6 @@ impl Shared {
         Arc::new(Shared {
             shards: (0..shards)
                 .map(|_| ShardSlot {
-                    // A single-reactor cache has no inbox traffic: keep its ring small.
-                    inbox: ArrayQueue::new(if striped { RING_ENTRIES } else { 1 }),
                     control: ArrayQueue::new(CONTROL_ENTRIES),
                     stats: Arc::new(CacheStats::default()),
                     state: AtomicU8::new(SHARD_NONE),
@@ -184,6 +190,7 @@ impl Shared {
             striped,
             fronts: (0..if striped { MAX_CHANNELS } else { 0 }).map(|_| OnceLock::new()).collect(),
             front_busy: (0..if striped { MAX_CHANNELS } else { 0 }).map(|_| AtomicBool::new(false)).collect(),
+            opened: AtomicU64::new(0),
             closing: AtomicBool::new(false),
             control_lock: Mutex::new(()),
         })
@@ -202,12 +209,21 @@ impl Shared {
         self.stripes
     }
 
-    /// Hand a finished piece to the channel its `ctx` names. Gives it back when that channel's ring is full (kept
-    /// by the caller and handed on later); drops it, logged, when no such channel exists.
-    fn deliver_to_front(&self, io: Box<IoDesc>) -> Result<(), Box<IoDesc>> {
+    /// Hand a piece finished by shard `from` (called on that shard's thread) to the channel its `ctx` names. Gives
+    /// it back when that ring is full (kept by the caller and handed on later); drops it, logged, when no such
+    /// channel exists.
+    fn deliver_to_front(&self, from: u32, io: Box<IoDesc>) -> Result<(), Box<IoDesc>> {
+        if self.shards.get(from as usize).map(|s| s.thread.load(Ordering::Acquire)) != Some(thread_tag()) {
+            // Cannot happen (callers are the shard's poller and channels reaping its engine, both on its thread);
+            // the ring's one producer must be that thread.
+            tracing::error!(shard = from, "cache: a finished piece handed back off its shard's thread; kept back");
+            return Err(io);
+        }
         let front = ((io.ctx >> 32) & 0xffff) as usize;
-        match self.fronts.get(front).and_then(OnceLock::get) {
-            Some(f) => f.ring.push(io),
+        match self.fronts.get(front).and_then(OnceLock::get).and_then(|f| f.from_shard.get(from as usize)) {
+            // SAFETY: the producer of a channel's ring from shard `from` is whatever runs on that shard's thread (its
+            // poller, or a channel reaping its engine), checked just above: one thread, so one push at a time.
+            Some(r) => unsafe { r.push(io) },
             None => {
                 tracing::error!(front, "cache: a piece names a channel that does not exist; dropped");
                 Ok(())
@@ -434,6 +450,22 @@ impl ShardPoller {
         &self.shared.shards[self.shard as usize]
     }
 
+    /// No channel has a piece waiting for this shard.
+    fn inbox_empty(&self) -> bool {
+        let mut opened = self.shared.opened.load(Ordering::Acquire);
+        while opened != 0 {
+            let c = opened.trailing_zeros() as usize;
+            opened &= opened - 1;
+            if self.shared.fronts[c].get().and_then(|f| f.to_shard.get(self.shard as usize)).is_some_and(|r| {
+                // SAFETY: as in `poll`: this poller is the one consumer of the rings to its shard.
+                !unsafe { r.is_empty() }
+            }) {
+                return false;
+            }
+        }
+        true
+    }
+
     fn engine(&mut self) -> &mut CacheChannel {
         // SAFETY: the pointer came from a leaked Box owned by this poller and stays valid until `Drop`. The only other
         // user is a channel on this same thread (the local fast path), which runs inside another poller's round,
@@ -454,7 +486,7 @@ impl ShardPoller {
             self.slot().state.store(if clean { SHARD_DONE_CLEAN } else { SHARD_DONE_DIRTY }, Ordering::Release);
             return;
         }
-        if let Err(back) = self.shared.deliver_to_front(io) {
+        if let Err(back) = self.shared.deliver_to_front(self.shard, io) {
             self.undelivered.push(back);
         }
     }
@@ -476,15 +508,25 @@ impl Poller for ShardPoller {
             let io = self.undelivered.remove(0);
             self.deliver(io);
         }
-        // New pieces, while the engine takes them.
+        // New pieces, while the engine takes them: the stalled one first, then each channel's ring in turn.
         let mut next = self.stalled.take();
         let mut took = false;
+        let shared = Arc::clone(&self.shared);
+        let mut opened = shared.opened.load(Ordering::Acquire);
+        let mut ring: Option<&PieceRing> = None;
         loop {
             let io = match next.take() {
                 Some(io) => io,
-                None => match self.shared.shards[self.shard as usize].inbox.pop() {
+                // SAFETY: this poller is the one consumer of every channel's ring to its shard (one poller per shard).
+                None => match ring.and_then(|r| unsafe { r.pop() }) {
                     Some(io) => io,
-                    None => break,
+                    None if opened == 0 => break,
+                    None => {
+                        let c = opened.trailing_zeros() as usize;
+                        opened &= opened - 1;
+                        ring = shared.fronts[c].get().and_then(|f| f.to_shard.get(self.shard as usize));
+                        continue;
+                    }
                 },
             };
             busy = true;
@@ -525,7 +567,7 @@ impl Poller for ShardPoller {
         }
         // Shutdown: once nothing is waiting, write back and flush everything, then leave.
         let leaving = ctx.stopping() || self.shared.closing.load(Ordering::Acquire);
-        if leaving && self.stalled.is_none() && self.slot().inbox.is_empty() {
+        if leaving && self.stalled.is_none() && self.inbox_empty() {
             let engine_idle = self.engine().outstanding() == 0;
             match self.final_state {
                 FinalFlush::NotStarted => {
@@ -613,9 +655,8 @@ pub struct StripedChannel {
     /// Completions reaped from a same-thread engine (the local fast path), before routing.
     #[allow(clippy::vec_box)]
     reaped: Vec<Box<IoDesc>>,
-    /// Completions for other channels that their rings could not take yet.
-    #[allow(clippy::vec_box)]
-    foreign: Vec<Box<IoDesc>>,
+    /// Completions for other channels that their rings could not take yet, with the shard that finished them.
+    foreign: Vec<(u32, Box<IoDesc>)>,
     /// Per shard: which of its loans this channel has finished.
     windows: Vec<LoanWindow>,
 }
@@ -635,16 +676,22 @@ impl StripedChannel {
             .find(|&i| shared.front_busy[i].compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_ok())
             .ok_or(CacheError::Config { what: "cache channels", reason: "too many open at once (64)" })?;
         let nshards = shared.shards.len();
-        let _ = shared.fronts[id].get_or_init(|| Front {
-            ring: ArrayQueue::new(RING_ENTRIES),
-            acks: (0..nshards).map(|_| AckLine::default()).collect(),
-        });
-        // A reused id goes on from the loans its last user finished (all of them: it waited for every piece).
-        let windows = (0..nshards as u32).map(|sh| LoanWindow::starting_at(shared.loan_ack(id, sh))).collect();
         let geo = dev.geometry();
         // Pieces: one per request in the common case, a second for requests crossing a stripe, one per shard for
         // flush; beyond that a request waits (Busy) for pieces to come back.
-        let piece_count = (depth as usize * 2 + shared.shards.len()).min(RING_ENTRIES);
+        let piece_count = (depth as usize * 2 + nshards).min(MAX_PIECES);
+        // A ring holds every piece of this channel up to its limit (a later user of the id with more pieces, or one
+        // beyond the limit, may find a ring full, and keeps the piece until a later poll).
+        let slots = piece_count.min(MAX_RING_SLOTS);
+        let _ = shared.fronts[id].get_or_init(|| Front {
+            to_shard: (0..nshards).map(|_| PieceRing::new(slots)).collect(),
+            from_shard: (0..nshards).map(|_| PieceRing::new(slots)).collect(),
+            acks: (0..nshards).map(|_| AckLine::default()).collect(),
+        });
+        // Release: the rings are built before a shard sees the bit and looks at them.
+        shared.opened.fetch_or(1 << id, Ordering::Release);
+        // A reused id goes on from the loans its last user finished (all of them: it waited for every piece).
+        let windows = (0..nshards as u32).map(|sh| LoanWindow::starting_at(shared.loan_ack(id, sh))).collect();
         let segs = geo.max_segments as usize;
         Ok(Box::new(StripedChannel {
             id: id as u16,
@@ -665,8 +712,10 @@ impl StripedChannel {
         }))
     }
 
-    fn ring(&self) -> Option<&ArrayQueue<Box<IoDesc>>> {
-        self.shared.fronts[self.id as usize].get().map(|f| &f.ring)
+    /// This channel's rings.
+    fn front(&self) -> &Front {
+        // Built in `open` before the channel exists.
+        self.shared.fronts[self.id as usize].get().expect("a channel's front is built when it opens")
     }
 
     /// The engine of `shard` when it runs on this thread (the local fast path: no ring in either direction).
@@ -716,7 +765,9 @@ impl StripedChannel {
             self.unsent.push_back((shard, piece));
             return;
         }
-        if let Err(back) = self.shared.shards[shard as usize].inbox.push(piece) {
+        // SAFETY: a channel's rings to the shards have one producer, the channel holding the id (taken exclusively
+        // in `open`, given back in `drop`), used by one thread at a time (`&mut self`).
+        if let Err(back) = unsafe { self.front().to_shard[shard as usize].push(piece) } {
             self.unsent.push_back((shard, back));
         }
     }
@@ -828,8 +879,8 @@ impl StripedChannel {
         }
         if (io.ctx >> 32) & 0xffff == u64::from(self.id) {
             self.piece_done(io);
-        } else if let Err(back) = self.shared.deliver_to_front(io) {
-            self.foreign.push(back);
+        } else if let Err(back) = self.shared.deliver_to_front(shard, io) {
+            self.foreign.push((shard, back));
         }
     }
 
@@ -966,19 +1017,25 @@ impl IoChannel for StripedChannel {
 
     fn poll(&mut self, out: &mut Vec<Box<IoDesc>>) -> usize {
         while let Some((shard, piece)) = self.unsent.pop_front() {
-            if let Err(back) = self.shared.shards[shard as usize].inbox.push(piece) {
+            // SAFETY: as in `send`: this channel is the one producer of its rings to the shards.
+            if let Err(back) = unsafe { self.front().to_shard[shard as usize].push(piece) } {
                 self.unsent.push_front((shard, back));
                 break;
             }
         }
-        while let Some(piece) = self.ring().and_then(ArrayQueue::pop) {
-            self.piece_done(piece);
+        let shared = Arc::clone(&self.shared);
+        let front = shared.fronts[self.id as usize].get().expect("a channel's front is built when it opens");
+        for r in front.from_shard.iter() {
+            // SAFETY: this channel (holding the id exclusively, `&mut self`) is the one consumer of its rings.
+            while let Some(piece) = unsafe { r.pop() } {
+                self.piece_done(piece);
+            }
         }
         // The local fast path: reap the same-thread engine (a thread runs one reactor, so at most one shard) directly,
         // routing other channels' pieces to their rings.
         for _ in 0..self.foreign.len() {
-            let io = self.foreign.remove(0);
-            self.route(u32::MAX, io);
+            let (shard, io) = self.foreign.remove(0);
+            self.route(shard, io);
         }
         let me = thread_tag();
         let local = self.shared.shards.iter().position(|s| s.thread.load(Ordering::Acquire) == me);

@@ -1,0 +1,226 @@
+//! One-way rings of piece descriptors between one channel and one shard.
+//!
+//! Each (channel, shard) pair has two: the channel's pieces to the shard, and the shard's finished pieces back.
+//! A ring has one producer and one consumer (Lamport's queue), and each side keeps a private copy of the other's
+//! position, read again only when its copy says the ring is empty (consumer) or full (producer). So the consumer
+//! pulls the producer's position and the written slots across once per pass, however many pieces it finds, and
+//! never writes a slot; the producer hardly ever reads the consumer's position. (A shared multi-producer queue
+//! moves its tail, its head and a slot stamp for every entry, with a locked instruction on each side.)
+
+use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+
+use nvstack_blockdev::IoDesc;
+
+/// One side's state on its own cache line: the position it publishes and its private copy of the other side's.
+#[repr(align(128))]
+struct Side {
+    /// Published: the producer's tail (entries below it are written) or the consumer's head (slots below it are
+    /// free again).
+    mine: AtomicUsize,
+    /// Private (only this side reads or writes it): the other side's position as last read.
+    seen: AtomicUsize,
+}
+
+/// A single-producer single-consumer ring of boxed descriptors.
+///
+/// `push` may run on one thread at a time and `pop`/`is_empty` on one thread at a time (its callers' invariants,
+/// see each call).
+pub(crate) struct PieceRing {
+    slots: Box<[AtomicPtr<IoDesc>]>,
+    mask: usize,
+    prod: Side,
+    cons: Side,
+}
+
+impl PieceRing {
+    /// A ring of at least `entries` slots (rounded up to a power of two, at least 8: one cache line).
+    pub(crate) fn new(entries: usize) -> PieceRing {
+        let n = entries.max(8).next_power_of_two();
+        PieceRing {
+            slots: (0..n).map(|_| AtomicPtr::new(std::ptr::null_mut())).collect(),
+            mask: n - 1,
+            prod: Side { mine: AtomicUsize::new(0), seen: AtomicUsize::new(0) },
+            cons: Side { mine: AtomicUsize::new(0), seen: AtomicUsize::new(0) },
+        }
+    }
+
+    /// Slots in the ring.
+    #[cfg(test)]
+    pub(crate) fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Hand `io` to the consumer; gives it back when the ring is full.
+    ///
+    /// # Safety
+    /// No other `push` on this ring runs at the same time (one producer).
+    #[inline]
+    pub(crate) unsafe fn push(&self, io: Box<IoDesc>) -> Result<(), Box<IoDesc>> {
+        let t = self.prod.mine.load(Ordering::Relaxed);
+        let n = self.slots.len();
+        if t.wrapping_sub(self.prod.seen.load(Ordering::Relaxed)) >= n {
+            // Acquire: the consumer's moves out of the slots below its head happen before we write them again.
+            let h = self.cons.mine.load(Ordering::Acquire);
+            self.prod.seen.store(h, Ordering::Relaxed);
+            if t.wrapping_sub(h) >= n {
+                return Err(io);
+            }
+        }
+        self.slots[t & self.mask].store(Box::into_raw(io), Ordering::Relaxed);
+        // Release: the slot (and the descriptor behind it) is written before the consumer sees the new tail.
+        self.prod.mine.store(t.wrapping_add(1), Ordering::Release);
+        Ok(())
+    }
+
+    /// The next descriptor, if any.
+    ///
+    /// # Safety
+    /// No other `pop` or `is_empty` on this ring runs at the same time (one consumer).
+    #[inline]
+    pub(crate) unsafe fn pop(&self) -> Option<Box<IoDesc>> {
+        let h = self.cons.mine.load(Ordering::Relaxed);
+        if h == self.cons.seen.load(Ordering::Relaxed) {
+            // Acquire: pairs with the producer's release of its tail, so slots below it and their descriptors are
+            // visible here.
+            let t = self.prod.mine.load(Ordering::Acquire);
+            self.cons.seen.store(t, Ordering::Relaxed);
+            if t == h {
+                return None;
+            }
+        }
+        let p = self.slots[h & self.mask].load(Ordering::Relaxed);
+        // Release: we are done with the slot before the producer may write it again.
+        self.cons.mine.store(h.wrapping_add(1), Ordering::Release);
+        // SAFETY: slots between head and tail hold pointers from `Box::into_raw` in `push`, each written once per
+        // lap; with one consumer (the caller's contract) each is taken exactly once, here.
+        Some(unsafe { Box::from_raw(p) })
+    }
+
+    /// Whether the consumer would find nothing now.
+    ///
+    /// # Safety
+    /// As for [`PieceRing::pop`]: called by the ring's one consumer.
+    #[inline]
+    pub(crate) unsafe fn is_empty(&self) -> bool {
+        let h = self.cons.mine.load(Ordering::Relaxed);
+        h == self.prod.mine.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for PieceRing {
+    fn drop(&mut self) {
+        let (mut h, t) = (*self.cons.mine.get_mut(), *self.prod.mine.get_mut());
+        while h != t {
+            let p = std::mem::replace(self.slots[h & self.mask].get_mut(), std::ptr::null_mut());
+            // SAFETY: as in `pop`: an entry between head and tail, from `Box::into_raw`, not taken; `&mut self`
+            // makes us its only owner.
+            drop(unsafe { Box::from_raw(p) });
+            h = h.wrapping_add(1);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn desc(tag: u64) -> Box<IoDesc> {
+        let mut d = IoDesc::new(1);
+        d.ctx = tag;
+        d
+    }
+    // Each test's ring has one producer thread and one consumer thread.
+    fn push(r: &PieceRing, d: Box<IoDesc>) -> Result<(), Box<IoDesc>> {
+        // SAFETY: one producer per ring in these tests.
+        unsafe { r.push(d) }
+    }
+    fn pop(r: &PieceRing) -> Option<u64> {
+        // SAFETY: one consumer per ring in these tests.
+        unsafe { r.pop() }.map(|d| d.ctx)
+    }
+    fn empty(r: &PieceRing) -> bool {
+        // SAFETY: as in `pop`.
+        unsafe { r.is_empty() }
+    }
+
+    #[test]
+    fn fifo_full_and_empty() {
+        let r = PieceRing::new(5);
+        assert_eq!(r.capacity(), 8);
+        assert!(empty(&r));
+        for i in 0..8 {
+            assert!(push(&r, desc(i)).is_ok());
+        }
+        let back = push(&r, desc(99)).expect_err("a full ring refuses");
+        assert_eq!(back.ctx, 99);
+        for i in 0..8 {
+            assert_eq!(pop(&r), Some(i));
+        }
+        assert_eq!(pop(&r), None);
+        assert!(empty(&r));
+    }
+
+    #[test]
+    fn wraps_against_a_queue_model_and_frees_what_is_left() {
+        let r = PieceRing::new(8);
+        let mut model = std::collections::VecDeque::new();
+        // Two in, one out per step until full, then drain: the positions wrap the ring many times.
+        let mut next = 0u64;
+        for _ in 0..50 {
+            while model.len() < 8 {
+                push(&r, desc(next)).expect("room");
+                model.push_back(next);
+                next += 1;
+                assert_eq!(pop(&r), model.pop_front());
+                if model.len() < 8 {
+                    push(&r, desc(next)).expect("room");
+                    model.push_back(next);
+                    next += 1;
+                }
+            }
+            assert!(push(&r, desc(u64::MAX)).is_err());
+            while let Some(want) = model.pop_front() {
+                assert_eq!(pop(&r), Some(want));
+            }
+            assert!(empty(&r));
+        }
+        push(&r, desc(7)).expect("room");
+        push(&r, desc(8)).expect("room");
+        drop(r); // the entries still inside are freed (a leak checker would say otherwise)
+    }
+
+    #[test]
+    fn two_threads_keep_order() {
+        const N: u64 = 200_000;
+        let r = std::sync::Arc::new(PieceRing::new(64));
+        let p = std::sync::Arc::clone(&r);
+        let producer = std::thread::spawn(move || {
+            let mut i = 0;
+            let mut next = desc(0);
+            while i < N {
+                next.ctx = i;
+                match push(&p, next) {
+                    Ok(()) => {
+                        i += 1;
+                        next = desc(0);
+                    }
+                    Err(back) => {
+                        next = back;
+                        std::hint::spin_loop();
+                    }
+                }
+            }
+        });
+        let mut want = 0;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while want < N {
+            assert!(std::time::Instant::now() < deadline, "the consumer saw only {want} of {N} entries");
+            if let Some(got) = pop(&r) {
+                assert_eq!(got, want);
+                want += 1;
+            }
+        }
+        producer.join().expect("producer");
+        assert!(empty(&r));
+    }
+}
