@@ -619,6 +619,27 @@ impl CacheChannel {
         Some(IoStatus::Success)
     }
 
+    /// A read of bytes `[s, e)` inside one page, asked by channel `ch` of another reactor as a probe (no descriptor
+    /// crossed over): when it is a hit, lend the page and return the loan's `ctx2`. None: not a hit, or not lendable
+    /// now (IOERR or POISONED bytes, loan window full): the channel then sends the read as a piece.
+    pub(crate) fn probe_lend(&mut self, ch: usize, s: u64, e: u64) -> Option<u64> {
+        use crate::striped::{lent_ctx2, MAX_LENT_SLOT};
+        if e <= s || s / PAGE_BYTES != (e - 1) / PAGE_BYTES || e > self.geo.size_bytes() {
+            return None;
+        }
+        let book = self.book.as_mut()?;
+        if self.tree.test(s, e, Bits::IOERR | Bits::POISONED, Test::Any) || !self.tree.test(s, e, Bits::UPTODATE, Test::All) {
+            return None;
+        }
+        let slot = self.pages.lookup(s / PAGE_BYTES).filter(|&sl| sl <= MAX_LENT_SLOT)?;
+        let seq = book.lend(ch, slot)?;
+        self.pages.pin(slot);
+        self.pages.touch(slot);
+        bump(&self.stats.hits);
+        bump(&self.stats.loans);
+        Some(lent_ctx2(self.shard, slot, seq))
+    }
+
     /// A read hit for another reactor: instead of copying into the caller's buffer (whose cache lines live on the
     /// caller's core), lend the page: pin it, record the loan, and name it in the piece's `ctx2`; the channel copies
     /// on its own core and says when it is done (see `crate::loans`). Only for pieces whose channel

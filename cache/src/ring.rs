@@ -7,9 +7,9 @@
 //! never writes a slot; the producer hardly ever reads the consumer's position. (A shared multi-producer queue
 //! moves its tail, its head and a slot stamp for every entry, with a locked instruction on each side.)
 
-use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
-
-use nvstack_blockdev::IoDesc;
+use std::cell::UnsafeCell;
+use std::mem::MaybeUninit;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// One side's state on its own cache line: the position it publishes and its private copy of the other side's.
 #[repr(align(128))]
@@ -21,23 +21,33 @@ struct Side {
     seen: AtomicUsize,
 }
 
-/// A single-producer single-consumer ring of boxed descriptors.
+/// A single-producer single-consumer ring of `T` (boxed descriptors, or small messages kept inline).
 ///
 /// `push` may run on one thread at a time and `pop`/`is_empty` on one thread at a time (its callers' invariants,
 /// see each call).
-pub(crate) struct PieceRing {
-    slots: Box<[AtomicPtr<IoDesc>]>,
+pub(crate) struct Ring<T> {
+    slots: Box<[UnsafeCell<MaybeUninit<T>>]>,
     mask: usize,
     prod: Side,
     cons: Side,
 }
 
-impl PieceRing {
-    /// A ring of at least `entries` slots (rounded up to a power of two, at least 8: one cache line).
-    pub(crate) fn new(entries: usize) -> PieceRing {
+// SAFETY: a slot is written only by the one producer while it lies outside [head, tail) and read only by the one
+// consumer while inside; the release/acquire pairs on the positions hand each slot over between them. `T: Send`
+// because entries move from one thread to the other.
+unsafe impl<T: Send> Sync for Ring<T> {}
+// SAFETY: as above: the ring owns its entries, which may move to another thread.
+unsafe impl<T: Send> Send for Ring<T> {}
+
+/// The ring of piece descriptors.
+pub(crate) type PieceRing = Ring<Box<nvstack_blockdev::IoDesc>>;
+
+impl<T> Ring<T> {
+    /// A ring of at least `entries` slots (rounded up to a power of two, at least 8).
+    pub(crate) fn new(entries: usize) -> Ring<T> {
         let n = entries.max(8).next_power_of_two();
-        PieceRing {
-            slots: (0..n).map(|_| AtomicPtr::new(std::ptr::null_mut())).collect(),
+        Ring {
+            slots: (0..n).map(|_| UnsafeCell::new(MaybeUninit::uninit())).collect(),
             mask: n - 1,
             prod: Side { mine: AtomicUsize::new(0), seen: AtomicUsize::new(0) },
             cons: Side { mine: AtomicUsize::new(0), seen: AtomicUsize::new(0) },
@@ -50,71 +60,69 @@ impl PieceRing {
         self.slots.len()
     }
 
-    /// Hand `io` to the consumer; gives it back when the ring is full.
+    /// Hand `v` to the consumer; gives it back when the ring is full.
     ///
     /// # Safety
     /// No other `push` on this ring runs at the same time (one producer).
     #[inline]
-    pub(crate) unsafe fn push(&self, io: Box<IoDesc>) -> Result<(), Box<IoDesc>> {
+    pub(crate) unsafe fn push(&self, v: T) -> Result<(), T> {
         let t = self.prod.mine.load(Ordering::Relaxed);
         let n = self.slots.len();
         if t.wrapping_sub(self.prod.seen.load(Ordering::Relaxed)) >= n {
-            // Acquire: the consumer's moves out of the slots below its head happen before we write them again.
+            // Acquire: the consumer's reads of the slots below its head happen before we write them again.
             let h = self.cons.mine.load(Ordering::Acquire);
             self.prod.seen.store(h, Ordering::Relaxed);
             if t.wrapping_sub(h) >= n {
-                return Err(io);
+                return Err(v);
             }
         }
-        self.slots[t & self.mask].store(Box::into_raw(io), Ordering::Relaxed);
-        // Release: the slot (and the descriptor behind it) is written before the consumer sees the new tail.
+        // SAFETY: slot `t` is outside [head, tail) (checked above: fewer than `n` entries are in the ring), so the
+        // consumer does not touch it; we are the one producer (the caller's contract).
+        unsafe { (*self.slots[t & self.mask].get()).write(v) };
+        // Release: the slot is written before the consumer sees the new tail.
         self.prod.mine.store(t.wrapping_add(1), Ordering::Release);
         Ok(())
     }
 
-    /// The next descriptor, if any.
+    /// The next entry, if any.
     ///
     /// # Safety
     /// No other `pop` or `is_empty` on this ring runs at the same time (one consumer).
     #[inline]
-    pub(crate) unsafe fn pop(&self) -> Option<Box<IoDesc>> {
+    pub(crate) unsafe fn pop(&self) -> Option<T> {
         let h = self.cons.mine.load(Ordering::Relaxed);
         if h == self.cons.seen.load(Ordering::Relaxed) {
-            // Acquire: pairs with the producer's release of its tail, so slots below it and their descriptors are
-            // visible here.
+            // Acquire: pairs with the producer's release of its tail, so the slots below it are visible here.
             let t = self.prod.mine.load(Ordering::Acquire);
             self.cons.seen.store(t, Ordering::Relaxed);
             if t == h {
                 return None;
             }
         }
-        let p = self.slots[h & self.mask].load(Ordering::Relaxed);
+        // SAFETY: slot `h` is inside [head, tail): written by the producer (visible through the acquire above or an
+        // earlier one) and not yet taken; with one consumer (the caller's contract) it is taken once, here.
+        let v = unsafe { (*self.slots[h & self.mask].get()).assume_init_read() };
         // Release: we are done with the slot before the producer may write it again.
         self.cons.mine.store(h.wrapping_add(1), Ordering::Release);
-        // SAFETY: slots between head and tail hold pointers from `Box::into_raw` in `push`, each written once per
-        // lap; with one consumer (the caller's contract) each is taken exactly once, here.
-        Some(unsafe { Box::from_raw(p) })
+        Some(v)
     }
 
     /// Whether the consumer would find nothing now.
     ///
     /// # Safety
-    /// As for [`PieceRing::pop`]: called by the ring's one consumer.
+    /// As for [`Ring::pop`]: called by the ring's one consumer.
     #[inline]
     pub(crate) unsafe fn is_empty(&self) -> bool {
-        let h = self.cons.mine.load(Ordering::Relaxed);
-        h == self.prod.mine.load(Ordering::Acquire)
+        self.cons.mine.load(Ordering::Relaxed) == self.prod.mine.load(Ordering::Acquire)
     }
 }
 
-impl Drop for PieceRing {
+impl<T> Drop for Ring<T> {
     fn drop(&mut self) {
         let (mut h, t) = (*self.cons.mine.get_mut(), *self.prod.mine.get_mut());
         while h != t {
-            let p = std::mem::replace(self.slots[h & self.mask].get_mut(), std::ptr::null_mut());
-            // SAFETY: as in `pop`: an entry between head and tail, from `Box::into_raw`, not taken; `&mut self`
-            // makes us its only owner.
-            drop(unsafe { Box::from_raw(p) });
+            // SAFETY: an entry between head and tail: written, not taken; `&mut self` makes us its only owner.
+            unsafe { self.slots[h & self.mask].get_mut().assume_init_drop() };
             h = h.wrapping_add(1);
         }
     }
@@ -123,6 +131,7 @@ impl Drop for PieceRing {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nvstack_blockdev::IoDesc;
 
     fn desc(tag: u64) -> Box<IoDesc> {
         let mut d = IoDesc::new(1);

@@ -45,7 +45,7 @@ use nvstack_driver::dma::Arena;
 use crate::bdev::{CacheBdev, CacheChannel, CacheConfig, CacheStats};
 use crate::loans::LoanWindow;
 use crate::pages::PAGE_BYTES;
-use crate::ring::PieceRing;
+use crate::ring::{PieceRing, Ring};
 use crate::stripe::{seg_slices, StripeMap};
 use crate::CacheError;
 
@@ -102,6 +102,28 @@ pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long opening a striped cache waits for each shard to be built on its reactor.
 const BUILD_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A read probe: a channel asks a shard to lend the page holding bytes `[start, start + len)` (one page at most).
+/// It travels inline in the ring, so the piece's descriptor never leaves the channel's core on a hit.
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+struct Probe {
+    start: u64,
+    len: u32,
+    /// The channel's name for the waiting piece.
+    token: u32,
+}
+
+/// A shard's answer to a probe: `ctx2` names the loan (`LENT` set), or is 0: not a hit, send the read as a piece.
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+struct Answer {
+    ctx2: u64,
+    token: u32,
+    _pad: u32,
+}
+// Four to a cache line.
+const _: () = assert!(std::mem::size_of::<Probe>() == 16 && std::mem::size_of::<Answer>() == 16);
+
 /// A loan watermark on its own cache line (written by one channel, read by one shard).
 #[repr(align(128))]
 #[derive(Default)]
@@ -114,6 +136,10 @@ pub(crate) struct Front {
     /// Per shard: finished pieces back from that shard (produced on the shard's thread: its poller, or a channel
     /// there that reaped them from the engine; consumed by the channel).
     from_shard: Box<[PieceRing]>,
+    /// Per shard: read probes to that shard (producer the channel, consumer the shard), and the shard's answers
+    /// (producer the shard's poller, consumer the channel).
+    probes: Box<[Ring<Probe>]>,
+    answers: Box<[Ring<Answer>]>,
     /// Per shard: every loan from it numbered below this is over (the channel copied it).
     acks: Box<[AckLine]>,
 }
@@ -406,6 +432,8 @@ struct ShardPoller {
     out: Vec<Box<IoDesc>>,
     #[allow(clippy::vec_box)]
     undelivered: Vec<Box<IoDesc>>,
+    /// Answers to probes whose channel's answer ring was full: (channel id, answer), sent again next round.
+    unanswered: Vec<(usize, Answer)>,
     /// Shutdown: the final flush descriptor (None until shutdown, then in the engine, then back).
     final_flush: Option<Box<IoDesc>>,
     final_state: FinalFlush,
@@ -439,6 +467,7 @@ impl ShardPoller {
             stalled: None,
             out: Vec::with_capacity(ENGINE_DEPTH as usize + 1),
             undelivered: Vec::with_capacity(64),
+            unanswered: Vec::with_capacity(64),
             final_flush: Some(IoDesc::new(1)),
             final_state: FinalFlush::NotStarted,
             loan_deadline: None,
@@ -450,16 +479,52 @@ impl ShardPoller {
         &self.shared.shards[self.shard as usize]
     }
 
-    /// No channel has a piece waiting for this shard.
+    /// Answer every waiting read probe (and answers held back last round). True when there were any.
+    fn answer_probes(&mut self) -> bool {
+        let shared = Arc::clone(&self.shared);
+        let me = self.shard as usize;
+        let mut any = !self.unanswered.is_empty();
+        for _ in 0..self.unanswered.len() {
+            let (c, a) = self.unanswered.remove(0);
+            self.answer(&shared, c, a);
+        }
+        let mut opened = shared.opened.load(Ordering::Acquire);
+        while opened != 0 {
+            let c = opened.trailing_zeros() as usize;
+            opened &= opened - 1;
+            let Some(r) = shared.fronts[c].get().and_then(|f| f.probes.get(me)) else { continue };
+            // SAFETY: this poller is the one consumer of every channel's probe ring to its shard (one poller per
+            // shard).
+            while let Some(p) = unsafe { r.pop() } {
+                any = true;
+                let ctx2 = self.engine().probe_lend(c, p.start, p.start + u64::from(p.len)).unwrap_or(0);
+                self.answer(&shared, c, Answer { ctx2, token: p.token, _pad: 0 });
+            }
+        }
+        any
+    }
+
+    fn answer(&mut self, shared: &Shared, c: usize, a: Answer) {
+        let Some(r) = shared.fronts[c].get().and_then(|f| f.answers.get(self.shard as usize)) else { return };
+        // SAFETY: this poller is the one producer of every channel's answer ring from its shard.
+        if let Err(a) = unsafe { r.push(a) } {
+            self.unanswered.push((c, a));
+        }
+    }
+
+    /// No channel has a piece or a probe waiting for this shard.
     fn inbox_empty(&self) -> bool {
+        if !self.unanswered.is_empty() {
+            return false;
+        }
         let mut opened = self.shared.opened.load(Ordering::Acquire);
         while opened != 0 {
             let c = opened.trailing_zeros() as usize;
             opened &= opened - 1;
-            if self.shared.fronts[c].get().and_then(|f| f.to_shard.get(self.shard as usize)).is_some_and(|r| {
-                // SAFETY: as in `poll`: this poller is the one consumer of the rings to its shard.
-                !unsafe { r.is_empty() }
-            }) {
+            let Some(f) = self.shared.fronts[c].get() else { continue };
+            let me = self.shard as usize;
+            // SAFETY: as in `poll`: this poller is the one consumer of the rings to its shard.
+            if f.to_shard.get(me).is_some_and(|r| !unsafe { r.is_empty() }) || f.probes.get(me).is_some_and(|r| !unsafe { r.is_empty() }) {
                 return false;
             }
         }
@@ -507,6 +572,10 @@ impl Poller for ShardPoller {
         for _ in 0..self.undelivered.len() {
             let io = self.undelivered.remove(0);
             self.deliver(io);
+        }
+        // Read probes: answered at once, a loan or "send it".
+        if self.answer_probes() {
+            busy = true;
         }
         // New pieces, while the engine takes them: the stalled one first, then each channel's ring in turn.
         let mut next = self.stalled.take();
@@ -659,6 +728,9 @@ pub struct StripedChannel {
     foreign: Vec<(u32, Box<IoDesc>)>,
     /// Per shard: which of its loans this channel has finished.
     windows: Vec<LoanWindow>,
+    /// Read pieces waiting for a probe's answer, by token.
+    probing: Vec<Option<Box<IoDesc>>>,
+    free_tokens: Vec<u32>,
 }
 
 // SAFETY: the channel is used by one thread at a time (the IoChannel contract); the raw segments inside its piece
@@ -686,6 +758,8 @@ impl StripedChannel {
         let _ = shared.fronts[id].get_or_init(|| Front {
             to_shard: (0..nshards).map(|_| PieceRing::new(slots)).collect(),
             from_shard: (0..nshards).map(|_| PieceRing::new(slots)).collect(),
+            probes: (0..nshards).map(|_| Ring::new(slots)).collect(),
+            answers: (0..nshards).map(|_| Ring::new(slots)).collect(),
             acks: (0..nshards).map(|_| AckLine::default()).collect(),
         });
         // Release: the rings are built before a shard sees the bit and looks at them.
@@ -702,6 +776,8 @@ impl StripedChannel {
             parents: (0..depth).map(|_| Parent { io: None, pending: 0, err: None, next: 0, end: 0 }).collect(),
             free_parents: (0..depth).rev().collect(),
             free_pieces: (0..piece_count).map(|_| IoDesc::new(segs)).collect(),
+            probing: (0..piece_count).map(|_| None).collect(),
+            free_tokens: (0..piece_count as u32).collect(),
             piece_count,
             unsent: VecDeque::with_capacity(piece_count),
             done: Vec::with_capacity(depth as usize),
@@ -756,6 +832,52 @@ impl StripedChannel {
             self.piece_done(piece);
             return;
         }
+        if piece.op == IoOp::Read && !piece.flags.contains(IoFlags::DIRECT) && self.unsent.is_empty() && self.shared.shards.len() > 1 {
+            if let Some(token) = self.probe(shard, &piece) {
+                self.probing[token as usize] = Some(piece);
+                return;
+            }
+        }
+        self.enqueue(shard, piece);
+    }
+
+    /// A read inside one page for another reactor: ask with an inline probe first (the descriptor stays here);
+    /// a hit comes back as a loan. The probe's token when it went (the caller parks the piece under it).
+    fn probe(&mut self, shard: u32, piece: &IoDesc) -> Option<u32> {
+        let bs = u64::from(self.geo.block_size);
+        let start = piece.offset_blocks * bs;
+        let len = piece.num_blocks * bs;
+        if len == 0 || start / PAGE_BYTES != (start + len - 1) / PAGE_BYTES {
+            return None;
+        }
+        let token = self.free_tokens.pop()?;
+        let probe = Probe { start, len: len as u32, token };
+        // SAFETY: as in `enqueue`: this channel is the one producer of its rings to the shards.
+        if unsafe { self.front().probes[shard as usize].push(probe) }.is_err() {
+            self.free_tokens.push(token);
+            return None;
+        }
+        Some(token)
+    }
+
+    /// A shard answered a probe: take the loan, or send the read as a piece after all.
+    fn answered(&mut self, shard: u32, a: Answer) {
+        let Some(mut piece) = self.probing.get_mut(a.token as usize).and_then(Option::take) else {
+            tracing::error!(shard, token = a.token, "cache: an answer to a probe this channel did not send; ignored");
+            return;
+        };
+        self.free_tokens.push(a.token);
+        if a.ctx2 & LENT != 0 {
+            piece.ctx2 = a.ctx2;
+            piece.status = IoStatus::Success;
+            self.piece_done(piece);
+        } else {
+            self.enqueue(shard, piece);
+        }
+    }
+
+    /// Put a piece on its shard's ring (or keep it, in order, when the ring is full).
+    fn enqueue(&mut self, shard: u32, mut piece: Box<IoDesc>) {
         if piece.op == IoOp::Read && !piece.flags.contains(IoFlags::DIRECT) {
             // Another reactor: a hit comes back as a loan of its pages, copied here on this core.
             piece.ctx2 = LEND_OK;
@@ -1025,6 +1147,12 @@ impl IoChannel for StripedChannel {
         }
         let shared = Arc::clone(&self.shared);
         let front = shared.fronts[self.id as usize].get().expect("a channel's front is built when it opens");
+        for (shard, r) in front.answers.iter().enumerate() {
+            // SAFETY: this channel is the one consumer of its answer rings (as for its piece rings below).
+            while let Some(a) = unsafe { r.pop() } {
+                self.answered(shard as u32, a);
+            }
+        }
         for r in front.from_shard.iter() {
             // SAFETY: this channel (holding the id exclusively, `&mut self`) is the one consumer of its rings.
             while let Some(piece) = unsafe { r.pop() } {
