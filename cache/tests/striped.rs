@@ -682,3 +682,60 @@ fn a_write_to_a_lent_page_waits_until_the_loan_ends() {
     drop((a, b));
     drop(cache);
 }
+
+/// A read from another reactor first asks the shard with a probe. Bytes that are IOERR (here: dirty data lost to
+/// poison) must not be lent: the probe says "send it", the read goes as a piece and fails. After a full overwrite
+/// the same read is a hit again and comes back as a loan with the new bytes.
+#[test]
+fn a_probe_does_not_lend_bytes_lost_to_poison() {
+    let arena = Arena::new(ArenaConfig { size_bytes: 16 << 20, require_hugepages: false, try_1g: false }).expect("arena");
+    let backing: Arc<dyn BlockDev> = MallocBdev::new("Malloc0", 4 << 20, BS as u32).expect("malloc");
+    let cores = nvstack_blockdev::coremask::allowed_cores();
+    let mut rc = ReactorConfig::new((0..WORKERS).map(|i| cores[i % cores.len()]).collect());
+    rc.pin = false;
+    rc.idle_backoff_rounds = Some(1000);
+    let reactors = Reactors::start(rc).expect("reactors");
+    let cfg = CacheConfig { cache_bytes: 4 << 20, stripe_bytes: STRIPE, ..CacheConfig::default() };
+    let cache = CacheBdev::new_striped(Arc::clone(&backing), Arc::clone(&arena), cfg, &reactors).expect("cache");
+    // A channel on this thread, which runs no shard: every read travels, as a probe first.
+    let mut ch = cache.open_channel(ChannelOpts { reactor_index: 0, queue_depth: 4 }).expect("channel");
+    let mut pool = BufPool::new(&arena, BLK as u32, 2, 4096, "test").expect("pool");
+    let (rbuf, wbuf) = (pool.get().expect("buf"), pool.get().expect("buf"));
+    let rptr = std::ptr::NonNull::new(rbuf.as_ptr()).expect("ptr");
+    let wptr = std::ptr::NonNull::new(wbuf.as_ptr()).expect("ptr");
+    let page = 9 * BLK;
+    let desc = |op: IoOp, ptr: std::ptr::NonNull<u8>, iova: u64| {
+        let mut d = IoDesc::new(1);
+        // SAFETY: the buffers outlive every request of this test, each of which completes before the next starts.
+        unsafe { d.push_seg_raw(ptr, iova, BLK as u32) }.expect("seg");
+        d.prepare(op, page / BS, BLK / BS);
+        d
+    };
+    let t = Duration::from_secs(10);
+    // SAFETY: no request is in flight on the write buffer.
+    unsafe { std::ptr::write_bytes(wptr.as_ptr(), 0x33, BLK as usize) };
+    assert_eq!(run_sync(ch.as_mut(), desc(IoOp::Write, wptr, wbuf.iova()), t).expect("write").status, IoStatus::Success);
+    let loans0 = cache.stats().loans.load(Ordering::Relaxed);
+    assert_eq!(run_sync(ch.as_mut(), desc(IoOp::Read, rptr, rbuf.iova()), t).expect("read").status, IoStatus::Success);
+    assert!(cache.stats().loans.load(Ordering::Relaxed) > loans0, "a cached page read from another reactor was not lent");
+    // The dirty page is poisoned: its data is lost and its bytes become IOERR.
+    let hit = cache.poison_device_range(page, page + BLK).expect("poison");
+    assert_eq!(hit.len(), 1, "the poisoned range held one cached page");
+    let loans1 = cache.stats().loans.load(Ordering::Relaxed);
+    let d = run_sync(ch.as_mut(), desc(IoOp::Read, rptr, rbuf.iova()), t).expect("read after poison");
+    assert!(matches!(d.status, IoStatus::Failed(_)), "a read of bytes lost to poison returned {:?}", d.status);
+    assert_eq!(cache.stats().loans.load(Ordering::Relaxed), loans1, "bytes lost to poison were lent");
+    // A full overwrite clears the error; the read is a loan again, of the new bytes.
+    // SAFETY: no request is in flight on the write buffer.
+    unsafe { std::ptr::write_bytes(wptr.as_ptr(), 0x44, BLK as usize) };
+    assert_eq!(run_sync(ch.as_mut(), desc(IoOp::Write, wptr, wbuf.iova()), t).expect("overwrite").status, IoStatus::Success);
+    let d = run_sync(ch.as_mut(), desc(IoOp::Read, rptr, rbuf.iova()), t).expect("read after overwrite");
+    assert_eq!(d.status, IoStatus::Success);
+    assert!(cache.stats().loans.load(Ordering::Relaxed) > loans1, "the overwritten page was not lent");
+    let mut data = vec![0u8; BLK as usize];
+    // SAFETY: the read completed into the read buffer; BLK bytes are valid.
+    unsafe { std::ptr::copy_nonoverlapping(rptr.as_ptr(), data.as_mut_ptr(), BLK as usize) };
+    assert!(data.iter().all(|&x| x == 0x44), "the read after the overwrite returned other bytes");
+    drop(ch);
+    drop(cache);
+}
