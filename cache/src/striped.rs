@@ -7,15 +7,18 @@
 //! A [`StripedChannel`] (what `open_channel` returns, any number per reactor) owns no cache state. Its `submit`
 //! splits a request at stripe boundaries into pieces. Each piece is a descriptor from the channel's own pool
 //! (allocated at open) that carries raw segments into the caller's buffer (no copy), and travels to its owning
-//! shard's inbox, a bounded lock-free ring. The shard runs it through the engine and pushes the finished descriptor
-//! onto the channel's completion ring; the channel's `poll` counts pieces and completes the caller's request when
-//! the last one is back (first error wins). A full inbox is back-pressure: the piece waits in the channel and is sent
-//! again at the next poll. FLUSH fans out to every shard; each writes back what is dirty and flushes the backing, and
+//! shard on the single-producer ring from this channel to that shard ([`crate::ring`]). The shard runs it through
+//! the engine and hands the finished descriptor back on the ring from that shard to the channel; the channel's
+//! `poll` counts pieces and completes the caller's request when the last one is back (first error wins). A full
+//! ring is back-pressure: the piece waits in the channel and is sent again at the next poll. FLUSH fans out to every shard; each writes back what is dirty and flushes the backing, and
 //! the request completes when all have answered.
 //!
 //! Hits take a short cut on both sides: a read inside one stripe of the channel's own thread's shard completes
 //! inside `submit` (no piece), and a read piece that hits completes as soon as its shard takes it (no request slot
 //! in the engine).
+//!
+//! Read probes: a read inside one page for another reactor first travels as a 16-byte probe (no descriptor); the
+//! shard answers with the loan of the page, or with "send it" (then the read goes as a piece).
 //!
 //! Read loans: a read hit that travelled from another reactor is not copied by the shard (the caller's buffer lives
 //! in the caller's core's cache, and writing it from here would pull every line across). The shard pins the page
