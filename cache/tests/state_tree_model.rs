@@ -267,8 +267,13 @@ fn run(ops: Vec<Op>, probes: Vec<(u64, u8, u64)>, prefill: bool) -> Result<(), T
     Ok(())
 }
 
+/// Cases per property: `PROPTEST_CASES` when set (a longer soak or a quick run), else `default`.
+fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 1500, max_shrink_iters: 2000, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(1500), max_shrink_iters: 2000, ..ProptestConfig::default() })]
     #[test]
     fn tree_matches_bitmap_model(
         ops in proptest::collection::vec(op(), 1..48),
@@ -288,7 +293,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 500, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(500), ..ProptestConfig::default() })]
     /// With a tiny pool, an operation either succeeds or fails with TreeFull leaving the tree exactly as it was.
     #[test]
     fn exhaustion_is_an_error_and_changes_nothing(ops in proptest::collection::vec(op(), 1..64)) {
