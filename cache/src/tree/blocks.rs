@@ -87,6 +87,39 @@ const LEN_END: usize = BITS_OFFSET + CAP + 4;
 // The slot size above is what a block really spends per entry (plus a 4-byte length per block).
 const _: () = assert!(std::mem::size_of::<Block>() <= SLOT_BYTES * CAP + 8);
 
+impl Block {
+    /// Move the entries in `from` to start at `to` (every column; the ranges may overlap).
+    #[inline]
+    fn shift(&mut self, from: std::ops::Range<usize>, to: usize) {
+        self.start.copy_within(from.clone(), to);
+        self.end.copy_within(from.clone(), to);
+        self.time.copy_within(from.clone(), to);
+        self.client.copy_within(from.clone(), to);
+        self.bits.copy_within(from, to);
+    }
+
+    /// Copy `src`'s entries in `from` into slots starting at `to` (every column).
+    #[inline]
+    fn copy_from(&mut self, to: usize, src: &Block, from: std::ops::Range<usize>) {
+        let n = from.len();
+        self.start[to..to + n].copy_from_slice(&src.start[from.clone()]);
+        self.end[to..to + n].copy_from_slice(&src.end[from.clone()]);
+        self.time[to..to + n].copy_from_slice(&src.time[from.clone()]);
+        self.client[to..to + n].copy_from_slice(&src.client[from.clone()]);
+        self.bits[to..to + n].copy_from_slice(&src.bits[from]);
+    }
+
+    /// Write `e` into slot `k`.
+    #[inline]
+    fn put(&mut self, k: usize, e: Entry) {
+        self.start[k] = e.start;
+        self.end[k] = e.end;
+        self.time[k] = e.time;
+        self.client[k] = e.client;
+        self.bits[k] = e.bits;
+    }
+}
+
 const EMPTY_BLOCK: Block =
     Block { end: [0; CAP], bits: [0; CAP], len: 0, client: [0; CAP], time: [0; CAP], start: [0; CAP] };
 
@@ -375,16 +408,8 @@ impl Blocks {
         let i = p.i as usize;
         let b = self.blk_mut(p.t);
         let len = b.len as usize;
-        b.start.copy_within(i..len, i + 1);
-        b.end.copy_within(i..len, i + 1);
-        b.time.copy_within(i..len, i + 1);
-        b.client.copy_within(i..len, i + 1);
-        b.bits.copy_within(i..len, i + 1);
-        b.start[i] = e.start;
-        b.end[i] = e.end;
-        b.time[i] = e.time;
-        b.client[i] = e.client;
-        b.bits[i] = e.bits;
+        b.shift(i..len, i + 1);
+        b.put(i, e);
         b.len += 1;
         if i == 0 {
             self.set_key(p.t as usize, e.start);
@@ -404,18 +429,9 @@ impl Blocks {
         let i = at.i as usize;
         let blk = self.blk_mut(at.t);
         let len = blk.len as usize;
-        blk.start.copy_within(i..len, i + 2);
-        blk.end.copy_within(i..len, i + 2);
-        blk.time.copy_within(i..len, i + 2);
-        blk.client.copy_within(i..len, i + 2);
-        blk.bits.copy_within(i..len, i + 2);
-        for (k, e) in [(i, a), (i + 1, b)] {
-            blk.start[k] = e.start;
-            blk.end[k] = e.end;
-            blk.time[k] = e.time;
-            blk.client[k] = e.client;
-            blk.bits[k] = e.bits;
-        }
+        blk.shift(i..len, i + 2);
+        blk.put(i, a);
+        blk.put(i + 1, b);
         blk.len += 2;
         if i == 0 {
             self.set_key(at.t as usize, a.start);
@@ -468,16 +484,8 @@ impl Blocks {
         };
         let (sl, dl) = (src.len as usize, dst.len as usize);
         let from = sl - k;
-        dst.start.copy_within(0..dl, k);
-        dst.end.copy_within(0..dl, k);
-        dst.time.copy_within(0..dl, k);
-        dst.client.copy_within(0..dl, k);
-        dst.bits.copy_within(0..dl, k);
-        dst.start[..k].copy_from_slice(&src.start[from..sl]);
-        dst.end[..k].copy_from_slice(&src.end[from..sl]);
-        dst.time[..k].copy_from_slice(&src.time[from..sl]);
-        dst.client[..k].copy_from_slice(&src.client[from..sl]);
-        dst.bits[..k].copy_from_slice(&src.bits[from..sl]);
+        dst.shift(0..dl, k);
+        dst.copy_from(0, src, from..sl);
         dst.len += k as u32;
         src.len -= k as u32;
         let first = dst.start[0];
@@ -499,11 +507,7 @@ impl Blocks {
         let b = self.blk_mut(p.t);
         let len = b.len as usize;
         debug_assert!(k >= 1 && i + k_us <= len, "remove_n past the end of its block");
-        b.start.copy_within(i + k_us..len, i);
-        b.end.copy_within(i + k_us..len, i);
-        b.time.copy_within(i + k_us..len, i);
-        b.client.copy_within(i + k_us..len, i);
-        b.bits.copy_within(i + k_us..len, i);
+        b.shift(i + k_us..len, i);
         b.len -= k;
         let new_len = b.len;
         let first = b.start[0];
@@ -551,17 +555,9 @@ impl Blocks {
         };
         let at = dst_b.len as usize;
         let (f, n, len) = (from, count, src_b.len as usize);
-        dst_b.start[at..at + n].copy_from_slice(&src_b.start[f..f + n]);
-        dst_b.end[at..at + n].copy_from_slice(&src_b.end[f..f + n]);
-        dst_b.time[at..at + n].copy_from_slice(&src_b.time[f..f + n]);
-        dst_b.client[at..at + n].copy_from_slice(&src_b.client[f..f + n]);
-        dst_b.bits[at..at + n].copy_from_slice(&src_b.bits[f..f + n]);
+        dst_b.copy_from(at, src_b, f..f + n);
         dst_b.len += n as u32;
-        src_b.start.copy_within(f + n..len, f);
-        src_b.end.copy_within(f + n..len, f);
-        src_b.time.copy_within(f + n..len, f);
-        src_b.client.copy_within(f + n..len, f);
-        src_b.bits.copy_within(f + n..len, f);
+        src_b.shift(f + n..len, f);
         src_b.len -= n as u32;
     }
 
