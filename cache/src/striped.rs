@@ -191,7 +191,7 @@ pub(crate) struct Shared {
     striped: bool,
     /// Completion rings and loan watermarks of the striped channels, by channel id (made on first use, reused
     /// after a close).
-    fronts: Box<[OnceLock<Front>]>,
+    fronts: Box<[OnceLock<Arc<Front>>]>,
     front_busy: Box<[AtomicBool]>,
     /// Bit `c`: channel id `c` has its rings (set once, never cleared); the shards look for pieces there.
     opened: AtomicU64,
@@ -483,32 +483,43 @@ impl ShardPoller {
     }
 
     /// Answer every waiting read probe (and answers held back last round). True when there were any.
+    /// (The shared state is looked up per entry rather than held, not cloned: an `Arc` clone per poll would write
+    /// its count, on the line every thread reads `Shared` through.)
     fn answer_probes(&mut self) -> bool {
-        let shared = Arc::clone(&self.shared);
-        let me = self.shard as usize;
         let mut any = !self.unanswered.is_empty();
         for _ in 0..self.unanswered.len() {
             let (c, a) = self.unanswered.remove(0);
-            self.answer(&shared, c, a);
+            self.answer(c, a);
         }
-        let mut opened = shared.opened.load(Ordering::Acquire);
+        let mut opened = self.shared.opened.load(Ordering::Acquire);
         while opened != 0 {
             let c = opened.trailing_zeros() as usize;
             opened &= opened - 1;
-            let Some(r) = shared.fronts[c].get().and_then(|f| f.probes.get(me)) else { continue };
-            // SAFETY: this poller is the one consumer of every channel's probe ring to its shard (one poller per
-            // shard).
-            while let Some(p) = unsafe { r.pop() } {
+            while let Some(p) = self.next_probe(c) {
                 any = true;
                 let ctx2 = self.engine().probe_lend(c, p.start, p.start + u64::from(p.len)).unwrap_or(0);
-                self.answer(&shared, c, Answer { ctx2, token: p.token, _pad: 0 });
+                self.answer(c, Answer { ctx2, token: p.token, _pad: 0 });
             }
         }
         any
     }
 
-    fn answer(&mut self, shared: &Shared, c: usize, a: Answer) {
-        let Some(r) = shared.fronts[c].get().and_then(|f| f.answers.get(self.shard as usize)) else { return };
+    /// The next probe from channel `c`.
+    fn next_probe(&self, c: usize) -> Option<Probe> {
+        let r = self.shared.fronts[c].get()?.probes.get(self.shard as usize)?;
+        // SAFETY: this poller is the one consumer of every channel's probe ring to its shard (one poller per shard).
+        unsafe { r.pop() }
+    }
+
+    /// The next piece from channel `c`.
+    fn next_piece(&self, c: usize) -> Option<Box<IoDesc>> {
+        let r = self.shared.fronts[c].get()?.to_shard.get(self.shard as usize)?;
+        // SAFETY: this poller is the one consumer of every channel's piece ring to its shard.
+        unsafe { r.pop() }
+    }
+
+    fn answer(&mut self, c: usize, a: Answer) {
+        let Some(r) = self.shared.fronts[c].get().and_then(|f| f.answers.get(self.shard as usize)) else { return };
         // SAFETY: this poller is the one producer of every channel's answer ring from its shard.
         if let Err(a) = unsafe { r.push(a) } {
             self.unanswered.push((c, a));
@@ -583,20 +594,18 @@ impl Poller for ShardPoller {
         // New pieces, while the engine takes them: the stalled one first, then each channel's ring in turn.
         let mut next = self.stalled.take();
         let mut took = false;
-        let shared = Arc::clone(&self.shared);
-        let mut opened = shared.opened.load(Ordering::Acquire);
-        let mut ring: Option<&PieceRing> = None;
+        // (Rings looked up per piece, not held: see `answer_probes`.)
+        let mut opened = self.shared.opened.load(Ordering::Acquire);
+        let mut ring: Option<usize> = None;
         loop {
             let io = match next.take() {
                 Some(io) => io,
-                // SAFETY: this poller is the one consumer of every channel's ring to its shard (one poller per shard).
-                None => match ring.and_then(|r| unsafe { r.pop() }) {
+                None => match ring.and_then(|c| self.next_piece(c)) {
                     Some(io) => io,
                     None if opened == 0 => break,
                     None => {
-                        let c = opened.trailing_zeros() as usize;
+                        ring = Some(opened.trailing_zeros() as usize);
                         opened &= opened - 1;
-                        ring = shared.fronts[c].get().and_then(|f| f.to_shard.get(self.shard as usize));
                         continue;
                     }
                 },
@@ -731,6 +740,8 @@ pub struct StripedChannel {
     foreign: Vec<(u32, Box<IoDesc>)>,
     /// Per shard: which of its loans this channel has finished.
     windows: Vec<LoanWindow>,
+    /// This channel's rings and loan watermarks (also reachable by the shards through `Shared::fronts`).
+    front: Arc<Front>,
     /// Read pieces waiting for a probe's answer, by token.
     probing: Vec<Option<Box<IoDesc>>>,
     free_tokens: Vec<u32>,
@@ -758,13 +769,15 @@ impl StripedChannel {
         // A ring holds every piece of this channel up to its limit (a later user of the id with more pieces, or one
         // beyond the limit, may find a ring full, and keeps the piece until a later poll).
         let slots = piece_count.min(MAX_RING_SLOTS);
-        let _ = shared.fronts[id].get_or_init(|| Front {
-            to_shard: (0..nshards).map(|_| PieceRing::new(slots)).collect(),
-            from_shard: (0..nshards).map(|_| PieceRing::new(slots)).collect(),
-            probes: (0..nshards).map(|_| Ring::new(slots)).collect(),
-            answers: (0..nshards).map(|_| Ring::new(slots)).collect(),
-            acks: (0..nshards).map(|_| AckLine::default()).collect(),
-        });
+        let front = Arc::clone(shared.fronts[id].get_or_init(|| {
+            Arc::new(Front {
+                to_shard: (0..nshards).map(|_| PieceRing::new(slots)).collect(),
+                from_shard: (0..nshards).map(|_| PieceRing::new(slots)).collect(),
+                probes: (0..nshards).map(|_| Ring::new(slots)).collect(),
+                answers: (0..nshards).map(|_| Ring::new(slots)).collect(),
+                acks: (0..nshards).map(|_| AckLine::default()).collect(),
+            })
+        }));
         // Release: the rings are built before a shard sees the bit and looks at them.
         shared.opened.fetch_or(1 << id, Ordering::Release);
         // A reused id goes on from the loans its last user finished (all of them: it waited for every piece).
@@ -787,14 +800,9 @@ impl StripedChannel {
             reaped: Vec::with_capacity(ENGINE_DEPTH as usize + 1),
             foreign: Vec::with_capacity(64),
             windows,
+            front,
             shared,
         }))
-    }
-
-    /// This channel's rings.
-    fn front(&self) -> &Front {
-        // Built in `open` before the channel exists.
-        self.shared.fronts[self.id as usize].get().expect("a channel's front is built when it opens")
     }
 
     /// The engine of `shard` when it runs on this thread (the local fast path: no ring in either direction).
@@ -856,7 +864,7 @@ impl StripedChannel {
         let token = self.free_tokens.pop()?;
         let probe = Probe { start, len: len as u32, token };
         // SAFETY: as in `enqueue`: this channel is the one producer of its rings to the shards.
-        if unsafe { self.front().probes[shard as usize].push(probe) }.is_err() {
+        if unsafe { self.front.probes[shard as usize].push(probe) }.is_err() {
             self.free_tokens.push(token);
             return None;
         }
@@ -892,7 +900,7 @@ impl StripedChannel {
         }
         // SAFETY: a channel's rings to the shards have one producer, the channel holding the id (taken exclusively
         // in `open`, given back in `drop`), used by one thread at a time (`&mut self`).
-        if let Err(back) = unsafe { self.front().to_shard[shard as usize].push(piece) } {
+        if let Err(back) = unsafe { self.front.to_shard[shard as usize].push(piece) } {
             self.unsent.push_back((shard, back));
         }
     }
@@ -924,7 +932,7 @@ impl StripedChannel {
         }
         match self.windows.get_mut(shard).map(|w| w.finish(seq)) {
             Some(Some(mark)) => {
-                if let Some(a) = self.shared.fronts[self.id as usize].get().and_then(|f| f.acks.get(shard)) {
+                if let Some(a) = self.front.acks.get(shard) {
                     // Release: the copy above happens before the shard sees the loan end and reuses the page.
                     a.0.store(mark, Ordering::Release);
                 }
@@ -1143,13 +1151,12 @@ impl IoChannel for StripedChannel {
     fn poll(&mut self, out: &mut Vec<Box<IoDesc>>) -> usize {
         while let Some((shard, piece)) = self.unsent.pop_front() {
             // SAFETY: as in `send`: this channel is the one producer of its rings to the shards.
-            if let Err(back) = unsafe { self.front().to_shard[shard as usize].push(piece) } {
+            if let Err(back) = unsafe { self.front.to_shard[shard as usize].push(piece) } {
                 self.unsent.push_front((shard, back));
                 break;
             }
         }
-        let shared = Arc::clone(&self.shared);
-        let front = shared.fronts[self.id as usize].get().expect("a channel's front is built when it opens");
+        let front = Arc::clone(&self.front);
         for (shard, r) in front.answers.iter().enumerate() {
             // SAFETY: this channel is the one consumer of its answer rings (as for its piece rings below).
             while let Some(a) = unsafe { r.pop() } {
