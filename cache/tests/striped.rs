@@ -528,10 +528,9 @@ fn a_second_striped_channel_on_one_reactor_works_and_flush_reaches_every_shard()
 }
 
 
-/// WRITE ZEROES and DEALLOCATE through a striped cache: split per stripe, sent in batches, the cached copies
-/// dropped; reads return zeroes afterwards, neighbours keep their data, and the backing device holds the zeroes.
-#[test]
-fn write_zeroes_across_many_stripes_goes_through_in_batches() {
+/// A striped cache of 2 shards (reactors that do not pin) over a 4 MiB malloc device, with its arena and backing.
+/// Keep the reactors alive as long as the cache.
+fn striped_rig() -> (Arc<Arena>, Arc<dyn BlockDev>, Reactors, Arc<CacheBdev>) {
     let arena = Arena::new(ArenaConfig { size_bytes: 16 << 20, require_hugepages: false, try_1g: false }).expect("arena");
     let backing: Arc<dyn BlockDev> = MallocBdev::new("Malloc0", 4 << 20, BS as u32).expect("malloc");
     let cores = nvstack_blockdev::coremask::allowed_cores();
@@ -541,6 +540,27 @@ fn write_zeroes_across_many_stripes_goes_through_in_batches() {
     let reactors = Reactors::start(rc).expect("reactors");
     let cfg = CacheConfig { cache_bytes: 4 << 20, stripe_bytes: STRIPE, ..CacheConfig::default() };
     let cache = CacheBdev::new_striped(Arc::clone(&backing), Arc::clone(&arena), cfg, &reactors).expect("cache");
+    (arena, backing, reactors, cache)
+}
+
+fn buf_ptr(b: &DmaBuf) -> std::ptr::NonNull<u8> {
+    std::ptr::NonNull::new(b.as_ptr()).expect("a DMA buffer has an address")
+}
+
+/// One 4 KiB request at byte `page` on one segment of the buffer at `ptr`.
+fn page_desc(op: IoOp, page: u64, ptr: std::ptr::NonNull<u8>, iova: u64) -> Box<IoDesc> {
+    let mut d = IoDesc::new(1);
+    // SAFETY: the callers' buffers outlive every request they make, each of which completes before the test ends.
+    unsafe { d.push_seg_raw(ptr, iova, BLK as u32) }.expect("seg");
+    d.prepare(op, page / BS, BLK / BS);
+    d
+}
+
+/// WRITE ZEROES and DEALLOCATE through a striped cache: split per stripe, sent in batches, the cached copies
+/// dropped; reads return zeroes afterwards, neighbours keep their data, and the backing device holds the zeroes.
+#[test]
+fn write_zeroes_across_many_stripes_goes_through_in_batches() {
+    let (arena, backing, reactors, cache) = striped_rig();
     assert!(cache.features().write_zeroes && cache.features().deallocate, "the malloc backing's features pass through");
     let mut ch = cache.open_channel(ChannelOpts { reactor_index: 0, queue_depth: 4 }).expect("channel");
     let mut pool = BufPool::new(&arena, STRIPE as u32, 1, 4096, "test").expect("pool");
@@ -606,31 +626,16 @@ fn write_zeroes_across_many_stripes_goes_through_in_batches() {
 /// the write then goes through.
 #[test]
 fn a_write_to_a_lent_page_waits_until_the_loan_ends() {
-    let arena = Arena::new(ArenaConfig { size_bytes: 16 << 20, require_hugepages: false, try_1g: false }).expect("arena");
-    let backing: Arc<dyn BlockDev> = MallocBdev::new("Malloc0", 4 << 20, BS as u32).expect("malloc");
-    let cores = nvstack_blockdev::coremask::allowed_cores();
-    let mut rc = ReactorConfig::new((0..WORKERS).map(|i| cores[i % cores.len()]).collect());
-    rc.pin = false;
-    rc.idle_backoff_rounds = Some(1000);
-    let reactors = Reactors::start(rc).expect("reactors");
-    let cfg = CacheConfig { cache_bytes: 4 << 20, stripe_bytes: STRIPE, ..CacheConfig::default() };
-    let cache = CacheBdev::new_striped(Arc::clone(&backing), Arc::clone(&arena), cfg, &reactors).expect("cache");
+    let (arena, _backing, _reactors, cache) = striped_rig();
     // Two channels on this thread, which runs no shard: every piece of theirs travels to a shard, and hits come back
     // as loans.
     let mut a = cache.open_channel(ChannelOpts { reactor_index: 0, queue_depth: 4 }).expect("channel a");
     let mut b = cache.open_channel(ChannelOpts { reactor_index: 1, queue_depth: 4 }).expect("channel b");
     let mut pool = BufPool::new(&arena, BLK as u32, 2, 4096, "test").expect("pool");
     let (rbuf, wbuf) = (pool.get().expect("buf"), pool.get().expect("buf"));
-    let rptr = std::ptr::NonNull::new(rbuf.as_ptr()).expect("ptr");
-    let wptr = std::ptr::NonNull::new(wbuf.as_ptr()).expect("ptr");
+    let (rptr, wptr) = (buf_ptr(&rbuf), buf_ptr(&wbuf));
     let page = 5 * BLK;
-    let desc = |op: IoOp, ptr: std::ptr::NonNull<u8>, iova: u64| {
-        let mut d = IoDesc::new(1);
-        // SAFETY: the buffers outlive every request of this test, each of which completes before the test ends.
-        unsafe { d.push_seg_raw(ptr, iova, BLK as u32) }.expect("seg");
-        d.prepare(op, page / BS, BLK / BS);
-        d
-    };
+    let desc = |op: IoOp, ptr: std::ptr::NonNull<u8>, iova: u64| page_desc(op, page, ptr, iova);
     // The page holds 0x11, cached (the write leaves it dirty and UPTODATE).
     // SAFETY: no request is in flight on the write buffer.
     unsafe { std::ptr::write_bytes(wptr.as_ptr(), 0x11, BLK as usize) };
@@ -688,29 +693,14 @@ fn a_write_to_a_lent_page_waits_until_the_loan_ends() {
 /// the same read is a hit again and comes back as a loan with the new bytes.
 #[test]
 fn a_probe_does_not_lend_bytes_lost_to_poison() {
-    let arena = Arena::new(ArenaConfig { size_bytes: 16 << 20, require_hugepages: false, try_1g: false }).expect("arena");
-    let backing: Arc<dyn BlockDev> = MallocBdev::new("Malloc0", 4 << 20, BS as u32).expect("malloc");
-    let cores = nvstack_blockdev::coremask::allowed_cores();
-    let mut rc = ReactorConfig::new((0..WORKERS).map(|i| cores[i % cores.len()]).collect());
-    rc.pin = false;
-    rc.idle_backoff_rounds = Some(1000);
-    let reactors = Reactors::start(rc).expect("reactors");
-    let cfg = CacheConfig { cache_bytes: 4 << 20, stripe_bytes: STRIPE, ..CacheConfig::default() };
-    let cache = CacheBdev::new_striped(Arc::clone(&backing), Arc::clone(&arena), cfg, &reactors).expect("cache");
+    let (arena, _backing, _reactors, cache) = striped_rig();
     // A channel on this thread, which runs no shard: every read travels, as a probe first.
     let mut ch = cache.open_channel(ChannelOpts { reactor_index: 0, queue_depth: 4 }).expect("channel");
     let mut pool = BufPool::new(&arena, BLK as u32, 2, 4096, "test").expect("pool");
     let (rbuf, wbuf) = (pool.get().expect("buf"), pool.get().expect("buf"));
-    let rptr = std::ptr::NonNull::new(rbuf.as_ptr()).expect("ptr");
-    let wptr = std::ptr::NonNull::new(wbuf.as_ptr()).expect("ptr");
+    let (rptr, wptr) = (buf_ptr(&rbuf), buf_ptr(&wbuf));
     let page = 9 * BLK;
-    let desc = |op: IoOp, ptr: std::ptr::NonNull<u8>, iova: u64| {
-        let mut d = IoDesc::new(1);
-        // SAFETY: the buffers outlive every request of this test, each of which completes before the next starts.
-        unsafe { d.push_seg_raw(ptr, iova, BLK as u32) }.expect("seg");
-        d.prepare(op, page / BS, BLK / BS);
-        d
-    };
+    let desc = |op: IoOp, ptr: std::ptr::NonNull<u8>, iova: u64| page_desc(op, page, ptr, iova);
     let t = Duration::from_secs(10);
     // SAFETY: no request is in flight on the write buffer.
     unsafe { std::ptr::write_bytes(wptr.as_ptr(), 0x33, BLK as usize) };
