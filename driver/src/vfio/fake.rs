@@ -31,11 +31,18 @@ fn must<T>(r: std::io::Result<T>, what: &str, p: &Path) -> T {
     }
 }
 
+/// Replace the file's contents at once (a temporary file renamed over it): the program under test reads these files
+/// while the fake kernel writes them, and a plain write lets it see the file empty between truncate and write
+/// (as real sysfs never shows it).
 fn write(p: &Path, s: &str) {
     if let Some(d) = p.parent() {
         must(std::fs::create_dir_all(d), "mkdir", d);
     }
-    must(std::fs::write(p, s), "write", p);
+    let mut tmp = p.as_os_str().to_owned();
+    tmp.push(".fake-tmp");
+    let tmp = PathBuf::from(tmp);
+    must(std::fs::write(&tmp, s), "write", &tmp);
+    must(std::fs::rename(&tmp, p), "rename", p);
 }
 
 fn relink(link: &Path, target: &Path) {
@@ -228,7 +235,7 @@ fn bind(root: &Path, bdf: &str, driver: &str) {
     if std::fs::symlink_metadata(&link).is_ok() {
         return; // already bound: the kernel refuses (EBUSY)
     }
-    relink(&link, &root.join("sys/bus/pci/drivers").join(driver));
+    // The group's device node first: a program that sees the driver link may look for it at once.
     if driver == "vfio-pci" {
         if let Ok(g) = std::fs::read_link(dev.join("iommu_group")) {
             if let Some(n) = g.file_name() {
@@ -236,6 +243,7 @@ fn bind(root: &Path, bdf: &str, driver: &str) {
             }
         }
     }
+    relink(&link, &root.join("sys/bus/pci/drivers").join(driver));
 }
 
 fn step(root: &Path, hp: &mut HpState) {
@@ -330,8 +338,11 @@ impl FakeKernel {
     fn start(root: PathBuf) -> FakeKernel {
         let stop = Arc::new(AtomicBool::new(false));
         let s2 = Arc::clone(&stop);
+        // One step before returning: the hugepage state starts from the files as the test set them up, not from
+        // whatever the program under test may already have written when the thread first runs.
+        let mut hp = HpState::default();
+        step(&root, &mut hp);
         let thread = std::thread::spawn(move || {
-            let mut hp = HpState::default();
             while !s2.load(Ordering::Relaxed) {
                 step(&root, &mut hp);
                 std::thread::sleep(Duration::from_millis(2));
