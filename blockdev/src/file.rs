@@ -40,6 +40,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use io_uring::{opcode, squeue, types, IoUring};
+use nvstack_driver::anon::AnonMap;
 use nvstack_driver::dma::Arena;
 
 use crate::bdev::{validate, ChannelOpts, Rejected, SubmitError};
@@ -94,45 +95,19 @@ struct Shared {
     fixed_warned: AtomicBool,
 }
 
-/// A page-aligned buffer of zeroes that the kernel only reads from.
+/// A page-aligned buffer of zeroes that the kernel only reads from (write-zeroes fallback). It is never written
+/// after the kernel zeroed it; every channel (which could have writes from it in the kernel) holds the `Shared` that
+/// owns it and drains before it goes.
 #[derive(Debug)]
 struct ZeroBuf {
-    ptr: std::ptr::NonNull<u8>,
-    len: usize,
+    map: AnonMap,
 }
-
-// SAFETY: the zero buffer is written once at creation (zeroes) and only read afterwards (by the kernel).
-unsafe impl Send for ZeroBuf {}
-// SAFETY: as for Send: shared use is read-only.
-unsafe impl Sync for ZeroBuf {}
 
 impl ZeroBuf {
     fn new(name: &str) -> Result<ZeroBuf, BdevError> {
-        // SAFETY: a fresh anonymous mapping; the result is checked against MAP_FAILED.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                ZERO_CHUNK_BYTES,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
-                -1,
-                0,
-            )
-        };
-        let err = |source| BdevError::RamMap { name: name.to_owned(), size_bytes: ZERO_CHUNK_BYTES as u64, source };
-        if p == libc::MAP_FAILED {
-            return Err(err(std::io::Error::last_os_error()));
-        }
-        let ptr = std::ptr::NonNull::new(p.cast::<u8>()).ok_or_else(|| err(std::io::Error::other("null mapping")))?;
-        Ok(ZeroBuf { ptr, len: ZERO_CHUNK_BYTES })
-    }
-}
-
-impl Drop for ZeroBuf {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `new`; every channel (which could have writes from it in the kernel) holds the
-        // Shared that owns this, and drains before it goes.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+        let map = AnonMap::new(ZERO_CHUNK_BYTES, false)
+            .map_err(|source| BdevError::RamMap { name: name.to_owned(), size_bytes: ZERO_CHUNK_BYTES as u64, source })?;
+        Ok(ZeroBuf { map })
     }
 }
 
@@ -679,8 +654,8 @@ macro_rules! build_body {
                 .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
                 .build(),
             Kind::ZeroWrite => {
-                let len = left.min(zeros.len as u64) as u32;
-                opcode::Write::new($fd, zeros.ptr.as_ptr(), len).offset(off).build()
+                let len = left.min(zeros.map.len() as u64) as u32;
+                opcode::Write::new($fd, zeros.map.as_ptr().as_ptr(), len).offset(off).build()
             }
         };
         Some(entry.user_data($idx as u64))

@@ -17,6 +17,8 @@
 use std::ptr::NonNull;
 use std::sync::Arc;
 
+use nvstack_driver::anon::AnonMap;
+
 use crate::bdev::{ChannelOpts, Rejected, SubmitError};
 use crate::null::{push_reserved, FastCheck};
 use crate::{BdevError, BlockDev, Features, Geometry, IoChannel, IoDesc, IoOp, IoStatus};
@@ -30,72 +32,22 @@ pub const MAX_SEGMENTS: u32 = 256;
 /// Largest channel queue depth.
 pub const MAX_QUEUE_DEPTH: u32 = 65536;
 
-/// The device's RAM: one anonymous mapping, unmapped when the last channel and the device are gone.
+/// The device's RAM: one anonymous mapping (2 MiB-aligned, transparent hugepages asked for, populated now),
+/// unmapped when the last channel and the device are gone.
 #[derive(Debug)]
 struct Ram {
-    base: NonNull<u8>,
-    len: usize,
+    map: AnonMap,
 }
-
-// SAFETY: Ram is an owned anonymous mapping reached only through raw pointers; concurrent access from several
-// channels follows the data-race rule in the module doc (the caller orders overlapping requests).
-unsafe impl Send for Ram {}
-// SAFETY: as for Send: shared use only reads `base`/`len` and copies through raw pointers.
-unsafe impl Sync for Ram {}
 
 impl Ram {
     fn map(name: &str, len: usize) -> Result<Ram, BdevError> {
-        let mem_err = |source: std::io::Error| BdevError::RamMap { name: name.to_owned(), size_bytes: len as u64, source };
-        // SAFETY: an anonymous private mapping at an address of the kernel's choosing; no existing memory is
-        // touched. The result is checked against MAP_FAILED.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(mem_err(std::io::Error::last_os_error()));
-        }
-        let Some(base) = NonNull::new(p.cast::<u8>()) else {
-            return Err(mem_err(std::io::Error::other("mmap returned a null address")));
-        };
-        let ram = Ram { base, len };
-        // SAFETY: `p..p+len` is the mapping just made; madvise only changes how it is backed.
-        let huge = unsafe { libc::madvise(p, len, libc::MADV_HUGEPAGE) };
-        if huge != 0 {
-            tracing::debug!(name, "malloc bdev: transparent hugepages not available for the RAM");
-        }
-        // Reserve (populate) now, so the I/O path never faults and an over-commit fails here, not mid-run.
-        // SAFETY: as above; MADV_POPULATE_WRITE faults the pages in writable.
-        let populated = unsafe { libc::madvise(p, len, libc::MADV_POPULATE_WRITE) };
-        if populated != 0 {
-            let err = std::io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::ENOMEM) {
-                return Err(mem_err(err));
-            }
-            // Older kernels lack MADV_POPULATE_WRITE: touch one byte per page instead.
-            for off in (0..len).step_by(4096) {
-                // SAFETY: off < len, inside the mapping; a volatile store so the touch is not optimised away.
-                unsafe { std::ptr::write_volatile(base.as_ptr().add(off), 0) };
-            }
-        }
-        Ok(ram)
+        let map = AnonMap::new(len, true)
+            .map_err(|source| BdevError::RamMap { name: name.to_owned(), size_bytes: len as u64, source })?;
+        Ok(Ram { map })
     }
-}
 
-impl Drop for Ram {
-    fn drop(&mut self) {
-        // SAFETY: base/len describe the mapping made in `map`; the last owner (the Arc) is going away, so no
-        // channel can use it any more.
-        let rc = unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
-        if rc != 0 {
-            tracing::warn!(error = %std::io::Error::last_os_error(), "malloc bdev: munmap failed");
-        }
+    fn base(&self) -> NonNull<u8> {
+        self.map.as_ptr()
     }
 }
 
@@ -149,7 +101,7 @@ impl BlockDev for MallocBdev {
     fn open_channel(&self, opts: ChannelOpts) -> Result<Box<dyn IoChannel>, BdevError> {
         let depth = crate::bdev::check_queue_depth(&self.name, &opts, MAX_QUEUE_DEPTH)?;
         Ok(Box::new(MallocChannel {
-            base: self.ram.base,
+            base: self.ram.base(),
             ram: Arc::clone(&self.ram),
             geo: self.geo,
             feat: self.feat,

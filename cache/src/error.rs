@@ -29,6 +29,17 @@ pub enum CacheError {
         /// Nodes free.
         free: u32,
     },
+    /// Reserving the memory of a state tree's block pool failed.
+    #[error("state tree for {max_ranges} ranges: reserving {bytes} bytes of blocks failed (lower max_ranges or free memory)")]
+    TreeMemory {
+        /// Ranges the tree was sized for.
+        max_ranges: u32,
+        /// Bytes asked for.
+        bytes: u64,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The lock waiter pool is full.
     #[error("state tree lock waiters full ({capacity}); retry after some unlocks")]
     WaitersFull {

@@ -21,6 +21,8 @@
 //! Why not a binary tree: with 1 M ranges a pointer-linked tree costs ~20-30 cache misses per lookup and one more
 //! descent per successor; this layout costs a handful, and walking to the next range is an index increment.
 
+use super::pool::BlockPool;
+
 /// Hint the CPU to fetch the cache lines holding bytes `from..to` of `*v` (no effect on other architectures).
 #[inline(always)]
 fn prefetch_bytes<T: ?Sized>(v: &T, from: usize, to: usize) {
@@ -68,9 +70,12 @@ pub const SLOT_BYTES: usize = 8 + 8 + 4 + 2 + 1;
 
 /// Columns in the order a lookup needs them: `end` (the search), then `bits` and `len` on the next line (the
 /// length bounds the search; `bits` is what a find tests first), then the rest.
+///
+/// Integers only: the pool's memory starts zeroed by the kernel and is reached as blocks (see `pool.rs`), so every
+/// byte pattern must be a valid block, and all zeroes is an empty one.
 #[derive(Clone, Copy)]
 #[repr(C)]
-struct Block {
+pub(super) struct Block {
     end: [u64; CAP],
     bits: [u8; CAP],
     len: u32,
@@ -78,6 +83,9 @@ struct Block {
     time: [u32; CAP],
     start: [u64; CAP],
 }
+
+/// Bytes of one block.
+pub(super) const BLOCK_BYTES: usize = std::mem::size_of::<Block>();
 
 /// Byte offset of `bits` in a block (the line that also holds `len`).
 const BITS_OFFSET: usize = 8 * CAP;
@@ -120,9 +128,6 @@ impl Block {
     }
 }
 
-const EMPTY_BLOCK: Block =
-    Block { end: [0; CAP], bits: [0; CAP], len: 0, client: [0; CAP], time: [0; CAP], start: [0; CAP] };
-
 /// Blocks the pool holds per block's worth of configured ranges, as a ratio (3/2): room to split before the tree
 /// must compact.
 pub(crate) const POOL_SLACK_NUM: usize = 3;
@@ -144,7 +149,7 @@ pub(crate) struct Pos {
 
 /// The blocked array.
 pub(crate) struct Blocks {
-    pool: Vec<Block>,
+    pool: BlockPool,
     free: Vec<u32>,
     keys: Vec<u64>,
     /// Every [`SEG`]-th key (`summary[j] == keys[j * SEG]`): a few KiB that stay in cache, so a lookup searches it
@@ -167,14 +172,16 @@ impl std::fmt::Debug for Blocks {
 
 impl Blocks {
     /// A pool of `blocks` blocks. Allocates once.
-    pub(crate) fn with_blocks(blocks: u32, cap: u32) -> Blocks {
+    ///
+    /// # Errors
+    /// The OS error when the pool's memory cannot be reserved.
+    pub(crate) fn with_blocks(blocks: u32, cap: u32) -> std::io::Result<Blocks> {
         let n = blocks.max(2) as usize;
-        let mut pool = Vec::with_capacity(n);
-        pool.resize(n, EMPTY_BLOCK);
+        let pool = BlockPool::new(n)?;
         let mut free = Vec::with_capacity(n);
         free.extend((0..n as u32).rev());
         let cap = cap.clamp(2, CAP as u32);
-        Blocks {
+        Ok(Blocks {
             pool,
             free,
             keys: Vec::with_capacity(n),
@@ -183,7 +190,7 @@ impl Blocks {
             ids: Vec::with_capacity(n),
             entries: 0,
             cap,
-        }
+        })
     }
 
     #[inline]
@@ -284,6 +291,24 @@ impl Blocks {
             return Some(Pos { t: t as u32, i: i as u32 });
         }
         (t + 1 < n).then_some(Pos { t: t as u32 + 1, i: 0 })
+    }
+
+    /// The first range at or after the one [`Blocks::seek`] finds for `x` whose bits pass `want`: a scan of each
+    /// block's `bits` column (one cache line) instead of a step, with its index and bounds checks, per entry.
+    #[inline]
+    pub(crate) fn find_bits(&self, x: u64, want: impl Fn(u8) -> bool) -> Option<Pos> {
+        let mut p = self.seek(x)?;
+        loop {
+            let b = self.blk(p.t);
+            let from = p.i as usize;
+            if let Some(k) = b.bits.get(from..b.len as usize).and_then(|bits| bits.iter().position(|&v| want(v))) {
+                return Some(Pos { t: p.t, i: (from + k) as u32 });
+            }
+            if p.t as usize + 1 >= self.keys.len() {
+                return None;
+            }
+            p = Pos { t: p.t + 1, i: 0 };
+        }
     }
 
     /// The last position.
@@ -665,7 +690,7 @@ mod tests {
 
     #[test]
     fn compaction_repacks_half_empty_blocks_in_order() {
-        let mut b = Blocks::with_blocks(64, 4);
+        let mut b = Blocks::with_blocks(64, 4).expect("pool");
         for i in 0..100 {
             let at = b.slot_before(None);
             b.insert(at, e(i)).unwrap();
@@ -689,7 +714,7 @@ mod tests {
 
     #[test]
     fn split_keeps_order_and_positions() {
-        let mut b = Blocks::with_blocks(16, 4);
+        let mut b = Blocks::with_blocks(16, 4).expect("pool");
         for i in [0u64, 2, 4, 6] {
             let at = b.slot_before(None);
             b.insert(at, e(i)).unwrap();

@@ -22,6 +22,7 @@
 
 mod blocks;
 pub mod lock;
+mod pool;
 
 use crate::CacheError;
 use blocks::{Blocks, Entry, Pos, CAP};
@@ -192,7 +193,8 @@ impl StateTree {
     /// A tree with pools sized by `cfg`. Allocates now, never afterwards.
     ///
     /// # Errors
-    /// [`CacheError::Config`] when `max_ranges` is below the reserve the tree keeps for unlocks (16) or too large.
+    /// [`CacheError::Config`] when `max_ranges` is below the reserve the tree keeps for unlocks (16) or too large;
+    /// [`CacheError::TreeMemory`] when the block pool's memory cannot be reserved.
     pub fn new(cfg: TreeConfig) -> Result<StateTree, CacheError> {
         Self::with_block_entries(cfg, CAP as u32)
     }
@@ -210,8 +212,13 @@ impl StateTree {
         // Two slots per range (blocks at least about half full) plus slack for splits in flight.
         let per_block = block_entries.clamp(2, CAP as u32) as usize;
         let blocks = (cfg.max_ranges as usize * blocks::POOL_SLACK_NUM).div_ceil(per_block * blocks::POOL_SLACK_DEN) as u32 + 4;
+        let t = Blocks::with_blocks(blocks, per_block as u32).map_err(|source| CacheError::TreeMemory {
+            max_ranges: cfg.max_ranges,
+            bytes: u64::from(blocks).saturating_mul(blocks::BLOCK_BYTES as u64),
+            source,
+        })?;
         Ok(StateTree {
-            t: Blocks::with_blocks(blocks, per_block as u32),
+            t,
             max_ranges: cfg.max_ranges,
             compactions: 0,
             bytes_with: [0; Bits::COUNT],
@@ -608,29 +615,17 @@ impl StateTree {
 
     /// The first range at or after `from` having any of `bits`, clipped to start at `from`.
     pub fn find_first(&self, from: u64, bits: Bits) -> Option<Extent> {
-        let mut p = self.t.seek(from);
-        while let Some(q) = p {
-            if self.t.bits_of(q) & bits.0 != 0 {
-                let e = self.t.get(q);
-                return Some(Extent { start: e.start.max(from), end: e.end, state: state_of(&e) });
-            }
-            p = self.t.next(q);
-        }
-        None
+        let q = self.t.find_bits(from, |b| b & bits.0 != 0)?;
+        let e = self.t.get(q);
+        Some(Extent { start: e.start.max(from), end: e.end, state: state_of(&e) })
     }
 
     /// From the first byte at or after `from` that has all of `bits`, the longest contiguous run of bytes having all
     /// of them (whatever their other bits and tags), capped at `max_len` bytes. Returns `(start, end)`.
     pub fn find_run(&self, from: u64, bits: Bits, max_len: u64) -> Option<(u64, u64)> {
-        let mut p = self.t.seek(from);
-        while let Some(q) = p {
-            if self.t.bits_of(q) & bits.0 == bits.0 {
-                let start = self.t.start_of(q).max(from);
-                return Some((start, self.run_end(q, bits, start.saturating_add(max_len))));
-            }
-            p = self.t.next(q);
-        }
-        None
+        let q = self.t.find_bits(from, |b| b & bits.0 == bits.0)?;
+        let start = self.t.start_of(q).max(from);
+        Some((start, self.run_end(q, bits, start.saturating_add(max_len))))
     }
 
     /// Where the run of `bits` that contains position `q` ends, capped at `cap`.
