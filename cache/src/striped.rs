@@ -740,6 +740,9 @@ pub struct StripedChannel {
     foreign: Vec<(u32, Box<IoDesc>)>,
     /// Per shard: which of its loans this channel has finished.
     windows: Vec<LoanWindow>,
+    /// Per shard: the watermark to publish at the end of this poll (`None`: unchanged). One store per poll and
+    /// shard, not one per loan: the shard reads the line every poll, so each store can cost a cross-core transfer.
+    acks_due: Vec<Option<u64>>,
     /// This channel's rings and loan watermarks (also reachable by the shards through `Shared::fronts`).
     front: Arc<Front>,
     /// Read pieces waiting for a probe's answer, by token.
@@ -782,6 +785,7 @@ impl StripedChannel {
         shared.opened.fetch_or(1 << id, Ordering::Release);
         // A reused id goes on from the loans its last user finished (all of them: it waited for every piece).
         let windows = (0..nshards as u32).map(|sh| LoanWindow::starting_at(shared.loan_ack(id, sh))).collect();
+        let acks_due = vec![None; nshards];
         let segs = geo.max_segments as usize;
         Ok(Box::new(StripedChannel {
             id: id as u16,
@@ -800,6 +804,7 @@ impl StripedChannel {
             reaped: Vec::with_capacity(ENGINE_DEPTH as usize + 1),
             foreign: Vec::with_capacity(64),
             windows,
+            acks_due,
             front,
             shared,
         }))
@@ -930,14 +935,20 @@ impl StripedChannel {
                 piece.status = IoStatus::Failed(IoError::Aborted);
             }
         }
-        match self.windows.get_mut(shard).map(|w| w.finish(seq)) {
-            Some(Some(mark)) => {
-                if let Some(a) = self.front.acks.get(shard) {
-                    // Release: the copy above happens before the shard sees the loan end and reuses the page.
-                    a.0.store(mark, Ordering::Release);
-                }
-            }
+        match (self.windows.get_mut(shard).map(|w| w.finish(seq)), self.acks_due.get_mut(shard)) {
+            (Some(Some(mark)), Some(due)) => *due = Some(mark),
             _ => tracing::error!(shard, seq, "cache: a read loan outside this channel's window"),
+        }
+    }
+
+    /// Publish the loan watermarks that moved during this poll.
+    fn publish_acks(&mut self) {
+        for (shard, due) in self.acks_due.iter_mut().enumerate() {
+            if let (Some(mark), Some(a)) = (due.take(), self.front.acks.get(shard)) {
+                // Release: the copies of every loan below `mark` happen before the shard sees their end and reuses
+                // the pages.
+                a.0.store(mark, Ordering::Release);
+            }
         }
     }
 
@@ -1156,16 +1167,18 @@ impl IoChannel for StripedChannel {
                 break;
             }
         }
-        let front = Arc::clone(&self.front);
-        for (shard, r) in front.answers.iter().enumerate() {
+        // Rings by index, not through a clone of the `Arc<Front>`: a clone and drop per poll would write its count
+        // twice, on the line the shards read the ring pointers from every poll (a locked instruction waiting on a
+        // cross-core miss, each poll).
+        for shard in 0..self.front.answers.len() {
             // SAFETY: this channel is the one consumer of its answer rings (as for its piece rings below).
-            while let Some(a) = unsafe { r.pop() } {
+            while let Some(a) = unsafe { self.front.answers[shard].pop() } {
                 self.answered(shard as u32, a);
             }
         }
-        for r in front.from_shard.iter() {
+        for shard in 0..self.front.from_shard.len() {
             // SAFETY: this channel (holding the id exclusively, `&mut self`) is the one consumer of its rings.
-            while let Some(piece) = unsafe { r.pop() } {
+            while let Some(piece) = unsafe { self.front.from_shard[shard].pop() } {
                 self.piece_done(piece);
             }
         }
@@ -1188,6 +1201,8 @@ impl IoChannel for StripedChannel {
                 self.reaped = reaped;
             }
         }
+        // Loans only end in this poll (answers, pieces back, local reaps): publish once, here.
+        self.publish_acks();
         let room = out.capacity() - out.len();
         let n = room.min(self.done.len());
         out.extend(self.done.drain(..n));
