@@ -7,8 +7,9 @@
 //!
 //! No atomic operation per loan: the shard numbers its loans per channel and keeps them in a FIFO with a local pin
 //! count per slot ([`LoanBook`]); the channel marks loans done in any order and publishes a watermark (every loan
-//! below it is done) with one release store at the end of each of its polls ([`LoanWindow`]); the shard reads the watermark now and then (each poll
-//! while loans are out, and before it changes a pinned page) and unpins what lies below it.
+//! below it is done) with one release store at the end of each of its polls ([`LoanWindow`]); the shard reads the
+//! watermark now and then (each poll while loans are out, and before it changes a pinned page) and unpins what lies
+//! below it.
 
 /// Loans a shard may have out to one channel before it copies instead of lending (a limit in DESIGN.md).
 pub const LOAN_WINDOW: u64 = 1024;
