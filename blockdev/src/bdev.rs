@@ -286,6 +286,10 @@ pub struct IoDesc {
     pub ctx: u64,
     /// Second caller context word.
     pub ctx2: u64,
+    /// Who asked, when the caller says (0: not said): the NBD server puts its connection number here. Stacked
+    /// devices pass it down; the cache records it as the first dirtier of the bytes a write dirties (without it,
+    /// the submitting reactor's index + 1). Reset by [`IoDesc::prepare`].
+    pub client: u16,
     /// Set by the channel at completion.
     pub status: IoStatus,
     segs: Vec<Seg>,
@@ -302,17 +306,19 @@ impl IoDesc {
             num_blocks: 0,
             ctx: 0,
             ctx2: 0,
+            client: 0,
             status: IoStatus::Pending,
             segs: Vec::with_capacity(max_segs),
             bufs: Vec::with_capacity(max_segs),
         })
     }
 
-    /// Set the operation and range, clearing status and flags. Segments and buffers are kept.
+    /// Set the operation and range, clearing status, flags and client. Segments and buffers are kept.
     #[inline]
     pub fn prepare(&mut self, op: IoOp, offset_blocks: u64, num_blocks: u64) {
         self.op = op;
         self.flags = IoFlags::NONE;
+        self.client = 0;
         self.offset_blocks = offset_blocks;
         self.num_blocks = num_blocks;
         self.status = IoStatus::Pending;

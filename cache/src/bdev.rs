@@ -531,12 +531,13 @@ impl CacheChannel {
         }))
     }
 
-    /// The first-dirtier tag for request `r`: who (the client id) and when.
+    /// The first-dirtier tag for request `r`: who (the request's client, else this channel's reactor index + 1)
+    /// and when.
     fn tag(&self, r: u32) -> Tag {
         // Milliseconds since the channel opened (u32: 49 days, then it saturates).
         let ms = self.epoch.elapsed().as_millis();
-        let client = match (self.striped_shard, self.reqs[r as usize].io.as_ref()) {
-            (true, Some(io)) => (io.ctx >> 48) as u16,
+        let client = match self.reqs[r as usize].io.as_ref() {
+            Some(io) if io.client != 0 => io.client,
             _ => self.client,
         };
         Tag { client, time: u32::try_from(ms).unwrap_or(u32::MAX) }

@@ -985,7 +985,7 @@ impl StripedChannel {
     fn send_range_batch(&mut self, p: u32) {
         let Some(parent) = self.parents.get(p as usize) else { return };
         let (next, end) = (parent.next, parent.end);
-        let Some((op, flags)) = parent.io.as_ref().map(|io| (io.op, io.flags)) else { return };
+        let Some((op, flags, client)) = parent.io.as_ref().map(|io| (io.op, io.flags, self.client_of(io))) else { return };
         let bs = u64::from(self.geo.block_size);
         let ctx = self.piece_ctx(p);
         let mut batch: [(u32, u64, u64); RANGE_BATCH] = [(0, 0, 0); RANGE_BATCH];
@@ -1007,6 +1007,7 @@ impl StripedChannel {
             piece.prepare(op, a / bs, (b - a) / bs);
             piece.flags = flags;
             piece.ctx = ctx;
+            piece.client = client;
             self.send(owner, piece);
         }
     }
@@ -1029,7 +1030,16 @@ impl StripedChannel {
     }
 
     fn piece_ctx(&self, parent: u32) -> u64 {
-        (u64::from(self.client) << 48) | (u64::from(self.id) << 32) | u64::from(parent)
+        (u64::from(self.id) << 32) | u64::from(parent)
+    }
+
+    /// Who a piece of `io` is for: the request's client, else this channel's reactor index + 1.
+    fn client_of(&self, io: &IoDesc) -> u16 {
+        if io.client != 0 {
+            io.client
+        } else {
+            self.client
+        }
     }
 
     /// Flush on a cache whose shards have all stopped: answer from their final state.
@@ -1088,7 +1098,7 @@ impl IoChannel for StripedChannel {
         let Some(p) = self.free_parents.pop() else { return Err(Rejected { io, why: SubmitError::Busy }) };
         io.status = IoStatus::Pending;
         let ctx = self.piece_ctx(p);
-        let (op, flags) = (io.op, io.flags);
+        let (op, flags, client) = (io.op, io.flags, self.client_of(&io));
         if !op.has_data() && op != IoOp::Flush {
             self.parents[p as usize] = Parent { io: Some(io), pending: 0, err: None, next: start, end };
             self.send_range_batch(p);
@@ -1100,6 +1110,7 @@ impl IoChannel for StripedChannel {
                 let Some(mut piece) = self.free_pieces.pop() else { break };
                 piece.prepare(IoOp::Flush, 0, 0);
                 piece.ctx = ctx;
+                piece.client = client;
                 self.send(shard, piece);
             }
             return Ok(());
@@ -1120,6 +1131,7 @@ impl IoChannel for StripedChannel {
             piece.prepare(op, pc.start / bs, (pc.end - pc.start) / bs);
             piece.flags = flags;
             piece.ctx = ctx;
+            piece.client = client;
             let segs = io.segs();
             let mut ok = true;
             seg_slices(segs.iter().map(|s| u64::from(s.len())), pc.buf_offset, pc.end - pc.start, |i, o, l| {
@@ -1248,5 +1260,5 @@ impl std::fmt::Debug for StripedChannel {
     }
 }
 
-/// Check a piece layout cheaply at compile time: the ctx packs client (16), channel id (16), parent (32).
+/// Check a piece layout cheaply at compile time: the ctx packs channel id (16 of the high 32 bits), parent (32).
 const _: () = assert!(MAX_CHANNELS <= u16::MAX as usize);

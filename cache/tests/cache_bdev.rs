@@ -517,6 +517,18 @@ fn reverse_queries_name_pages_state_and_tag() {
         assert_eq!(ch.device_range_of(off + 17), Some((piece.start, piece.start + PAGE)));
     }
     assert_eq!(ch.device_range_of(r.arena.size_bytes() - 1), None);
+    // A request that names its client (an NBD connection) is tagged with it; a later write by another client to
+    // the same dirty bytes keeps the first dirtier.
+    let mut io = desc(&mut r.pool, IoOp::Write, 9 * PAGE, PAGE, IoFlags::NONE, 6);
+    io.client = 41;
+    recycle(&mut r.pool, run_all(ch.as_mut(), vec![io]).pop().unwrap());
+    let mut io = desc(&mut r.pool, IoOp::Write, 9 * PAGE, PAGE, IoFlags::NONE, 7);
+    io.client = 42;
+    recycle(&mut r.pool, run_all(ch.as_mut(), vec![io]).pop().unwrap());
+    out.clear();
+    ch.query_range(9 * PAGE, 10 * PAGE, &mut out);
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(out[0].state.tag.client, 41, "the first dirtier is the client the request named");
     assert!(r.cache.open_channel(ChannelOpts { reactor_index: 1, queue_depth: 8 }).is_err(), "one channel for now");
 }
 

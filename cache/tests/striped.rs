@@ -729,3 +729,37 @@ fn a_probe_does_not_lend_bytes_lost_to_poison() {
     drop(ch);
     drop(cache);
 }
+
+/// The first dirtier travels with the pieces: a write naming its client (an NBD connection) and crossing a stripe
+/// boundary is tagged with that client on both shards; a write naming none is tagged with its channel's reactor.
+#[test]
+fn pieces_carry_the_requests_client_as_first_dirtier() {
+    let (arena, _backing, _reactors, cache) = striped_rig();
+    let mut ch = cache.open_channel(ChannelOpts { reactor_index: 4, queue_depth: 4 }).expect("channel");
+    let mut pool = BufPool::new(&arena, 2 * BLK as u32, 1, 4096, "test").expect("pool");
+    let buf = pool.get().expect("buf");
+    let t = Duration::from_secs(10);
+    // Two pages, one each side of the first stripe boundary: stripes 0 and 1 belong to the rig's two shards.
+    let start = STRIPE - BLK;
+    let mut d = IoDesc::new(1);
+    // SAFETY: the buffer outlives the request, which completes (run_sync) before the buffer is dropped.
+    unsafe { d.push_seg_raw(buf_ptr(&buf), buf.iova(), 2 * BLK as u32) }.expect("seg");
+    d.prepare(IoOp::Write, start / BS, 2 * BLK / BS);
+    d.client = 500;
+    let mut d = run_sync(ch.as_mut(), d, t).expect("write");
+    assert_eq!(d.status, IoStatus::Success);
+    let pieces = cache.query_range(start, start + 2 * BLK).expect("query");
+    assert_eq!(pieces.len(), 2, "{pieces:?}");
+    for p in &pieces {
+        assert_eq!(p.state.tag.client, 500, "{p:?}");
+    }
+    // No client named: the channel's reactor index + 1.
+    d.prepare(IoOp::Write, 3 * STRIPE / BS, 2 * BLK / BS);
+    let d = run_sync(ch.as_mut(), d, t).expect("write");
+    assert_eq!(d.status, IoStatus::Success);
+    let pieces = cache.query_range(3 * STRIPE, 3 * STRIPE + 2 * BLK).expect("query");
+    assert_eq!(pieces.len(), 2, "{pieces:?}");
+    assert!(pieces.iter().all(|p| p.state.tag.client == 5), "{pieces:?}");
+    drop(ch);
+    drop(cache);
+}

@@ -83,6 +83,9 @@ pub struct ConnRes {
     pub pool: BufPool,
     /// A read-only region of zeroes ([`CHUNK_BYTES`]) used to emulate write zeroes.
     pub zero: Arc<DmaRegion>,
+    /// The connection's number (1..=65535, then again from 1), given at accept and logged there with the peer's
+    /// address: every request carries it (`IoDesc::client`), so the cache records it as the first dirtier.
+    pub client: u16,
 }
 
 enum Io {
@@ -191,6 +194,8 @@ enum Phase {
 pub struct Conn {
     stream: Stream,
     res: Option<ConnRes>,
+    /// The connection's number ([`ConnRes::client`]), put on every request.
+    client: u16,
     phase: Phase,
     rbuf: Vec<u8>,
     rstart: usize,
@@ -251,6 +256,7 @@ impl Conn {
     /// A freshly accepted connection (greeting queued). With `tls`, `NBD_OPT_STARTTLS` is offered (and required
     /// in [`TlsMode::Required`]).
     pub fn new(stream: Stream, res: ConnRes, index: usize, tls: Option<Arc<TlsSetup>>) -> Conn {
+        let client = res.client;
         let policy = match tls.as_ref().map(|t| t.mode) {
             None => TlsPolicy::Off,
             Some(TlsMode::Required) => TlsPolicy::Required,
@@ -261,6 +267,7 @@ impl Conn {
         Conn {
             stream,
             res: Some(res),
+            client,
             phase: Phase::Handshake(hs, Instant::now()),
             rbuf: vec![0u8; RBUF_BYTES],
             rstart: 0,
@@ -320,7 +327,7 @@ impl Conn {
 
     fn close(&mut self, why: &str) {
         if !matches!(self.phase, Phase::Closed) {
-            tracing::debug!(conn = self.index, why, "nbd: closing connection");
+            tracing::debug!(conn = self.index, client = self.client, why, "nbd: closing connection");
             if let Some(t) = self.tls.as_mut() {
                 t.close_notify(self.stream.fd());
             }
@@ -581,6 +588,7 @@ impl Conn {
         }
         io.ctx = self.index as u64;
         io.ctx2 = s as u64;
+        io.client = self.client;
         if op.has_data() {
             let chunk = u64::from(CHUNK_BYTES);
             let mut at = rel;

@@ -110,7 +110,7 @@ pub fn start(cfg: &NbdConfig, arena: &Arc<Arena>, reactors: &Reactors, registry:
     let free = Arc::new(ArrayQueue::new(cfg.max_connections.max(1)));
     for _ in 0..cfg.max_connections.max(1) {
         let pool = BufPool::new(arena, CHUNK_BYTES, BUFS_PER_CONN, 4096, "nbd connection buffers")?;
-        let _ = free.push(ConnRes { pool, zero: Arc::clone(&zero) });
+        let _ = free.push(ConnRes { pool, zero: Arc::clone(&zero), client: 0 });
     }
     let n = reactors.count();
     let mut inboxes = Vec::with_capacity(n);
@@ -138,7 +138,7 @@ pub fn start(cfg: &NbdConfig, arena: &Arc<Arena>, reactors: &Reactors, registry:
     }
     let stop = Arc::new(AtomicBool::new(false));
     let tcp_addr = tcp.as_ref().and_then(|l| l.local_addr().ok());
-    let acc = Acceptor { tcp, unix, inboxes, free, stop: Arc::clone(&stop), next: 0 };
+    let acc = Acceptor { tcp, unix, inboxes, free, stop: Arc::clone(&stop), next: 0, accepted: 0 };
     let acceptor = std::thread::Builder::new()
         .name("nbd-accept".into())
         .spawn(move || acc.run())
@@ -154,6 +154,8 @@ struct Acceptor {
     free: Arc<ArrayQueue<ConnRes>>,
     stop: Arc<AtomicBool>,
     next: usize,
+    /// The last connection number given.
+    accepted: u16,
 }
 
 impl Acceptor {
@@ -179,23 +181,23 @@ impl Acceptor {
             }
             loop {
                 let s = match self.tcp.as_ref().map(|l| l.accept()) {
-                    Some(Ok((s, _))) => {
+                    Some(Ok((s, peer))) => {
                         let _ = s.set_nodelay(true);
-                        Some(Stream::Tcp(s))
+                        Some((Stream::Tcp(s), peer.to_string()))
                     }
                     _ => None,
                 };
                 let s = s.or_else(|| match self.unix.as_ref().map(|l| l.accept()) {
-                    Some(Ok((s, _))) => Some(Stream::Unix(s)),
+                    Some(Ok((s, _))) => Some((Stream::Unix(s), "unix socket".to_owned())),
                     _ => None,
                 });
-                let Some(s) = s else { break };
-                self.hand_off(s);
+                let Some((s, peer)) = s else { break };
+                self.hand_off(s, &peer);
             }
         }
     }
 
-    fn hand_off(&mut self, s: Stream) {
+    fn hand_off(&mut self, s: Stream, peer: &str) {
         let ok = match &s {
             Stream::Tcp(t) => t.set_nonblocking(true).is_ok(),
             Stream::Unix(u) => u.set_nonblocking(true).is_ok(),
@@ -203,10 +205,13 @@ impl Acceptor {
         if !ok {
             return;
         }
-        let Some(res) = self.free.pop() else {
-            tracing::warn!("nbd: connection limit reached; refusing a connection (raise --max-connections)");
+        let Some(mut res) = self.free.pop() else {
+            tracing::warn!(peer, "nbd: connection limit reached; refusing a connection (raise --max-connections)");
             return;
         };
+        self.accepted = self.accepted.checked_add(1).unwrap_or(1);
+        res.client = self.accepted;
+        tracing::info!(client = res.client, peer, "nbd: connection accepted (its writes are tagged with this client number)");
         let mut item = (s, res);
         for k in 0..self.inboxes.len() {
             let i = (self.next + k) % self.inboxes.len();
