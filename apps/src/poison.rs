@@ -321,6 +321,7 @@ fn print_event(e: &PoisonEvent, json: bool) -> Result<(), AppError> {
             Owner::CachePage { page_index, dirty, first_dirtier, .. } => {
                 format!("cache page {page_index} ({}, first dirtier {first_dirtier:?})", if *dirty { "dirty" } else { "clean" })
             }
+            Owner::CacheSlotFree { page_index } => format!("free cache slot {page_index}"),
             Owner::Volume { name, offset } => format!("volume {name} at {offset:#x}"),
             Owner::File { ino, file_offset, attr_fork, bmbt, unwritten } => format!(
                 "inode {ino} offset {file_offset}{}{}{}",

@@ -1305,6 +1305,22 @@ impl CacheChannel {
         Some((p * PAGE_BYTES, (p + 1) * PAGE_BYTES))
     }
 
+    /// Whether the page holding arena byte `arena_offset` is one of this engine's slots and free (caches nothing).
+    pub fn slot_free_at(&self, arena_offset: u64) -> bool {
+        self.pages.slot_of_arena_offset(&self.arena, arena_offset).is_some_and(|(slot, _)| self.pages.is_free(slot))
+    }
+
+    /// Poison action for a free slot: the page holding arena byte `arena_offset` is taken out of service for good
+    /// (never handed out, so nothing ever reads or fills poisoned memory). True when it was a free slot of ours.
+    pub fn retire_free_slot_at(&mut self, arena_offset: u64) -> bool {
+        let Some((slot, _)) = self.pages.slot_of_arena_offset(&self.arena, arena_offset) else { return false };
+        let retired = self.pages.retire_free_slot(slot);
+        if retired {
+            tracing::warn!(slot, arena_offset, "cache: a free slot's memory is poisoned; retired, no data lost");
+        }
+        retired
+    }
+
     /// Whether device page `p` has a cache slot.
     pub fn holds_page(&self, p: u64) -> bool {
         self.pages.lookup(p).is_some()

@@ -218,6 +218,21 @@ impl Pages {
         Some(s)
     }
 
+    /// Take slot `s` out of service for good if it is free (its memory is poisoned): it is never handed out.
+    /// True when it was free; a slot holding a page goes through [`Pages::retire_page`], a retired one stays so.
+    pub fn retire_free_slot(&mut self, s: u32) -> bool {
+        let Some(i) = self.free.iter().position(|&f| f == s) else { return false };
+        self.free.swap_remove(i);
+        self.dev_page[s as usize] = RETIRED;
+        self.referenced[s as usize] = false;
+        true
+    }
+
+    /// Whether slot `s` is free (holds no page and is not retired).
+    pub fn is_free(&self, s: u32) -> bool {
+        self.dev_page.get(s as usize).is_some_and(|&p| p == EMPTY)
+    }
+
     /// Slots taken out of service.
     pub fn retired_count(&self) -> u32 {
         self.dev_page.iter().filter(|&&p| p == RETIRED).count() as u32

@@ -73,6 +73,25 @@ impl CacheBdev {
         })?
     }
 
+    /// Whether the page holding arena byte `arena_offset` is a free slot of this cache (caches nothing now).
+    ///
+    /// # Errors
+    /// [`CacheError::Control`] when the owning shard does not answer.
+    pub fn slot_free_at(&self, arena_offset: u64) -> Result<bool, CacheError> {
+        let Some(shard) = self.owns_arena_offset(arena_offset) else { return Ok(false) };
+        self.shared().call(shard, move |engine| engine.slot_free_at(arena_offset))
+    }
+
+    /// The poison action for a free slot: the page holding arena byte `arena_offset` is never handed out again.
+    /// True when it was a free slot of this cache (false: not ours, holding data, or retired already).
+    ///
+    /// # Errors
+    /// [`CacheError::Control`] when the owning shard does not answer.
+    pub fn retire_free_arena_page(&self, arena_offset: u64) -> Result<bool, CacheError> {
+        let Some(shard) = self.owns_arena_offset(arena_offset) else { return Ok(false) };
+        self.shared().call(shard, move |engine| engine.retire_free_slot_at(arena_offset))
+    }
+
     /// The poison action by device range: every cached page overlapping `[start, end)` is treated as
     /// [`CacheBdev::poison_arena_page`] treats one (used when the poison is known by device offset).
     ///

@@ -4,7 +4,9 @@
 //! layers owning the data register (the pmem bdev zeroes, the cache drops or marks pages, volumes degrade).
 //!
 //! Order of precedence, most serious first: dirty cached data lost → metadata (volume degraded) → file data
-//! (reported) → clean cached data (drop and refetch) → free space (zero and clear). Unknown is never free: with no
+//! (reported) → clean cached data (drop and refetch) → free cache slots (retired) → free space (zero and clear).
+//! Whatever the action, every cache page and free slot of the event is dealt with (a hugepage event spans many:
+//! dirty ones lose their data, clean ones are dropped, free ones retired). Unknown is never free: with no
 //! owner at all, nothing is touched.
 
 use crate::journal::Action;
@@ -32,6 +34,9 @@ pub fn decide(res: &Resolution) -> Action {
     }
     if leaves.iter().any(|p| matches!(p.owner, Owner::CachePage { dirty: false, .. })) {
         return Action::DropAndRefetch;
+    }
+    if leaves.iter().any(|p| matches!(p.owner, Owner::CacheSlotFree { .. })) {
+        return Action::RetireSlot;
     }
     if !res.failures.is_empty() {
         // A plugin failed: we cannot prove the range is free.
@@ -71,6 +76,14 @@ pub trait ActionTarget: Send + Sync {
         let _ = (device, offset, len);
         Err("this target cannot mark ranges".into())
     }
+    /// Take free cache slots in the range out of service (their memory is poisoned; they hold no data).
+    ///
+    /// # Errors
+    /// A description of the failure.
+    fn retire_free_slots(&self, device: &str, offset: u64, len: u64) -> Result<(), String> {
+        let _ = (device, offset, len);
+        Err("this target holds no cache".into())
+    }
     /// Mark a volume degraded.
     ///
     /// # Errors
@@ -102,6 +115,10 @@ mod tests {
         assert_eq!(decide(&res(vec![])), Action::NoOwnerKnown);
         assert_eq!(decide(&res(vec![Owner::Free])), Action::ZeroAndClear);
         assert_eq!(decide(&res(vec![clean.clone()])), Action::DropAndRefetch);
+        let slot = Owner::CacheSlotFree { page_index: 3 };
+        assert_eq!(decide(&res(vec![slot.clone()])), Action::RetireSlot);
+        assert_eq!(decide(&res(vec![slot.clone(), clean.clone()])), Action::DropAndRefetch);
+        assert_eq!(decide(&res(vec![slot, dirty.clone()])), Action::DataLoss { first_dirtier: Some(3) });
         assert_eq!(decide(&res(vec![clean.clone(), file.clone()])), Action::ReportFileData);
         assert_eq!(decide(&res(vec![file.clone(), meta.clone()])), Action::Degraded { volume: "d".into() });
         assert_eq!(decide(&res(vec![meta, dirty, file])), Action::DataLoss { first_dirtier: Some(3) });

@@ -12,7 +12,9 @@
 //! data is dropped (the next read refetches it from the backing device); dirty data is lost: its bytes become IOERR
 //! and reads of them fail until a full overwrite. Either way the slot is retired and never reused.
 //!
-//! A cache slot that holds nothing is not claimed (unknown is never free: nothing is touched).
+//! A free slot (holding nothing) answers with [`Owner::CacheSlotFree`]: its memory is not free space to zero but
+//! a page the cache would hand out later, so the action retires it (never handed out again; no data lost). A slot
+//! given to a page whose fill has not landed, or one retired already, answers nothing.
 
 use std::sync::{Arc, RwLock, Weak};
 
@@ -141,13 +143,18 @@ impl Rmap for CacheMaps {
                 step,
                 source,
             };
-            let Some((start, end)) = cache.device_range_of(page).map_err(|e| ask("device range", e))? else { return Ok(()) };
+            let piece = |owner| OwnerPiece { device: self.device.clone(), offset: page, len: PAGE, owner, rmap: "cache".into(), depth: 0 };
+            let Some((start, end)) = cache.device_range_of(page).map_err(|e| ask("device range", e))? else {
+                if cache.slot_free_at(page).map_err(|e| ask("slot", e))? {
+                    out.push(piece(Owner::CacheSlotFree { page_index: page / PAGE }));
+                }
+                return Ok(());
+            };
             let pieces = cache.query_range(start, end).map_err(|e| ask("state", e))?;
             if pieces.iter().all(|p| !p.state.bits.contains(Bits::UPTODATE) && !p.state.bits.contains(Bits::DIRTY)) {
                 return Ok(()); // A slot given to a page whose fill has not landed: nothing cached yet.
             }
             let dirty = pieces.iter().find(|p| p.state.bits.contains(Bits::DIRTY));
-            let piece = |owner| OwnerPiece { device: self.device.clone(), offset: page, len: PAGE, owner, rmap: "cache".into(), depth: 0 };
             out.push(piece(Owner::CachePage {
                 page_index: page / PAGE,
                 dirty: dirty.is_some(),
@@ -169,5 +176,19 @@ impl ActionTarget for CacheMaps {
     }
     fn mark_ioerr(&self, _device: &str, offset: u64, len: u64) -> Result<(), String> {
         self.poison(offset, len)
+    }
+    fn retire_free_slots(&self, _device: &str, offset: u64, len: u64) -> Result<(), String> {
+        let mut errors = Vec::new();
+        let _ = self.for_each_page(offset, len, |page, name, cache| -> Result<(), ()> {
+            if let Err(e) = cache.retire_free_arena_page(page) {
+                errors.push(format!("{name}: {e}"));
+            }
+            Ok(())
+        });
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
     }
 }

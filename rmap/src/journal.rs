@@ -46,6 +46,8 @@ pub enum Action {
     ZeroAndClear,
     /// Clean cached data: dropped, to be re-read from the backing device.
     DropAndRefetch,
+    /// Free cache slots only: taken out of service (never handed out); no data lost.
+    RetireSlot,
     /// Dirty cached data lost: the range is marked IOERR and the loss reported.
     DataLoss {
         /// The client that first dirtied the lost data, when known.

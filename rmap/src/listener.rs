@@ -252,16 +252,19 @@ impl PoisonPath {
                 let r = pick(&t.device).map(|x| x.zero_and_clear(&t.device, t.offset, len));
                 results.push(fmt_result("zero", &t.device, r));
             }
-            Action::DropAndRefetch => {
-                for p in leaves().filter(|p| matches!(p.owner, Owner::CachePage { .. })) {
-                    let r = pick(&p.device).map(|x| x.drop_and_refetch(&p.device, p.offset, p.len));
-                    results.push(fmt_result("drop", &p.device, r));
-                }
-            }
-            Action::DataLoss { .. } => {
-                for p in leaves().filter(|p| matches!(p.owner, Owner::CachePage { dirty: true, .. })) {
-                    let r = pick(&p.device).map(|x| x.mark_ioerr(&p.device, p.offset, p.len));
-                    results.push(fmt_result("mark IOERR", &p.device, r));
+            Action::DropAndRefetch | Action::DataLoss { .. } | Action::RetireSlot => {
+                // Every cache page and free slot of the event, whichever decided the action: dirty data is lost
+                // (IOERR), clean data dropped, free slots retired.
+                for p in leaves() {
+                    let (what, r) = match p.owner {
+                        Owner::CachePage { dirty: true, .. } => ("mark IOERR", pick(&p.device).map(|x| x.mark_ioerr(&p.device, p.offset, p.len))),
+                        Owner::CachePage { dirty: false, .. } => ("drop", pick(&p.device).map(|x| x.drop_and_refetch(&p.device, p.offset, p.len))),
+                        Owner::CacheSlotFree { .. } => {
+                            ("retire free slot", pick(&p.device).map(|x| x.retire_free_slots(&p.device, p.offset, p.len)))
+                        }
+                        _ => continue,
+                    };
+                    results.push(fmt_result(what, &p.device, r));
                 }
             }
             Action::Degraded { volume } => {
@@ -403,6 +406,7 @@ pub fn action_name(a: &Action) -> &'static str {
     match a {
         Action::ZeroAndClear => "zero and clear (free space)",
         Action::DropAndRefetch => "drop and refetch (clean cached data)",
+        Action::RetireSlot => "retire the slot (free cache slot, no data)",
         Action::DataLoss { .. } => "mark IOERR and report data loss (dirty cached data)",
         Action::ReportFileData => "report to the file's owners (file data)",
         Action::Degraded { .. } => "mark the volume degraded (metadata)",

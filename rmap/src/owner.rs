@@ -31,6 +31,11 @@ pub enum Owner {
         /// When it was first dirtied (ms since the cache's epoch), when dirty.
         dirtied_at_ms: Option<u64>,
     },
+    /// A free slot of the extent cache: it holds no data, but the cache would hand it out later.
+    CacheSlotFree {
+        /// Arena page index of the slot.
+        page_index: u64,
+    },
     /// A volume (export or partition) lives there: the registry follows it.
     Volume {
         /// The volume's name (a device name its own reverse maps are registered under).

@@ -140,6 +140,27 @@ fn arena_poison_under_cache_pages_drops_clean_and_loses_dirty() {
     assert_eq!(st, IoStatus::Success);
     assert!(data[..] == a[..4096]);
 
+    // 3. A free slot (holds nothing): claimed by the cache and retired, so a later fill never lands on it.
+    let (lo, hi) = (0..arena.size_bytes() / 4096)
+        .map(|p| p * 4096)
+        .filter(|&off| cache.owns_arena_offset(off).is_some())
+        .fold((u64::MAX, 0), |(lo, hi), off| (lo.min(off), hi.max(off + 4096)));
+    let free_at = (lo..hi).step_by(4096).find(|&off| cache.slot_free_at(off).expect("slot")).expect("a free slot");
+    inject_synthetic_sigbus(base + free_at as usize + 8, false, 12).expect("inject");
+    let evs = wait_for(&path, 3);
+    let e = evs.last().expect("an event");
+    assert_eq!(e.action, Action::RetireSlot, "{e:?}");
+    assert_eq!(e.owners.len(), 1, "{:?}", e.owners);
+    assert!(matches!(e.owners[0].owner, Owner::CacheSlotFree { page_index } if page_index == free_at / 4096), "{:?}", e.owners);
+    assert!(e.outcome.contains("retire free slot") && !e.outcome.contains("fail"), "{}", e.outcome);
+    assert!(!cache.slot_free_at(free_at).expect("slot"), "the slot is out of service");
+    // Fill every slot of the cache (2 MiB of slots, 3 MiB of writes): the retired one stays empty.
+    for k in 0..48u64 {
+        assert_eq!(io.run(IoOp::Write, 2 * MIB + (k % 32) * (64 << 10), Some(&a), 64 << 10).0, IoStatus::Success);
+    }
+    assert_eq!(cache.device_range_of(free_at).expect("query"), None, "a retired free slot was handed out");
+    assert!((lo..hi).step_by(4096).all(|off| !cache.slot_free_at(off).expect("slot")), "the writes used every free slot");
+
     listener.stop();
     drop(io);
     drop(ch);

@@ -27,7 +27,26 @@ pub struct Server {
 
 static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
+/// Remove the data dirs of test processes that are gone (`nvstack-test-TAG-PID-N` with no /proc/PID): a test dir is
+/// kept after its test (a failed run's logs and images are there to read), so without this repeated runs on one
+/// machine fill its disk (the serve suite leaves ~0.8 GB per run).
+fn sweep_stale_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("nvstack-test-") else { continue };
+        let mut fields = rest.rsplit('-');
+        let (Some(_n), Some(pid)) = (fields.next(), fields.next()) else { continue };
+        let Ok(pid) = pid.parse::<u32>() else { continue };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 pub fn tmpdir(tag: &str) -> PathBuf {
+    static SWEEP: std::sync::Once = std::sync::Once::new();
+    SWEEP.call_once(sweep_stale_dirs);
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let d = std::env::temp_dir().join(format!("nvstack-test-{tag}-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
