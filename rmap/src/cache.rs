@@ -8,9 +8,11 @@
 //! and a [`Owner::Volume`] piece naming the cache bdev at the cached offset, which the registry follows to the
 //! exports and file systems above.
 //!
-//! As an [`ActionTarget`] it carries out both cache actions the same way: [`CacheBdev::poison_arena_page`]. Clean
-//! data is dropped (the next read refetches it from the backing device); dirty data is lost: its bytes become IOERR
-//! and reads of them fail until a full overwrite. Either way the slot is retired and never reused.
+//! As an [`ActionTarget`] it carries out every cache action the same way, page by page: a page holding data goes
+//! through [`CacheBdev::poison_arena_page`] (clean data is dropped, and the next read refetches it from the backing
+//! device; dirty data is lost: its bytes become IOERR and reads of them fail until a full overwrite), a free slot
+//! through [`CacheBdev::retire_free_arena_page`]. Either way the slot is retired and never reused. (Page by page at
+//! action time, not by what the owners said: a slot filled or emptied in between is still dealt with.)
 //!
 //! A free slot (holding nothing) answers with [`Owner::CacheSlotFree`]: its memory is not free space to zero but
 //! a page the cache would hand out later, so the action retires it (never handed out again; no data lost). A slot
@@ -94,10 +96,11 @@ impl CacheMaps {
         Ok(())
     }
 
-    /// Poison every cache page of `[offset, offset+len)`: what [`ActionTarget::drop_and_refetch`] and
-    /// [`ActionTarget::mark_ioerr`] both do.
+    /// Poison every cache page of `[offset, offset+len)` and retire every free slot there: what
+    /// [`ActionTarget::drop_and_refetch`], [`ActionTarget::mark_ioerr`] and [`ActionTarget::retire_free_slots`] all do.
     fn poison(&self, offset: u64, len: u64) -> Result<(), String> {
         let mut done = 0u64;
+        let mut retired = 0u64;
         let mut errors = Vec::new();
         let _ = self.for_each_page(offset, len, |page, name, cache| -> Result<(), ()> {
             match cache.poison_arena_page(page) {
@@ -114,13 +117,19 @@ impl CacheMaps {
                         if p.dirty_bytes > 0 { "dirty data lost, range marked IOERR" } else { "clean data dropped, refetched on the next read" }
                     );
                 }
-                Ok(None) => {}
+                // No data there (now): a free slot is retired. (The slot may have changed since the owners were
+                // asked: a page evicted since is retired here, one filled since was poisoned above.)
+                Ok(None) => match cache.retire_free_arena_page(page) {
+                    Ok(true) => retired += 1,
+                    Ok(false) => {}
+                    Err(e) => errors.push(format!("{name}: {e}")),
+                },
                 Err(e) => errors.push(format!("{name}: {e}")),
             }
             Ok(())
         });
         if errors.is_empty() {
-            tracing::info!(pages = done, "cache poison action done");
+            tracing::info!(pages = done, free_slots_retired = retired, "cache poison action done");
             Ok(())
         } else {
             Err(errors.join("; "))
@@ -178,17 +187,6 @@ impl ActionTarget for CacheMaps {
         self.poison(offset, len)
     }
     fn retire_free_slots(&self, _device: &str, offset: u64, len: u64) -> Result<(), String> {
-        let mut errors = Vec::new();
-        let _ = self.for_each_page(offset, len, |page, name, cache| -> Result<(), ()> {
-            if let Err(e) = cache.retire_free_arena_page(page) {
-                errors.push(format!("{name}: {e}"));
-            }
-            Ok(())
-        });
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(errors.join("; "))
-        }
+        self.poison(offset, len)
     }
 }
