@@ -202,3 +202,64 @@ fn nvme_media_error_through_nbd_becomes_an_event() {
     assert!(log.contains("nvme_media_error"), "{log}");
     assert!(s.stop().success());
 }
+
+/// The first dirtier in a poison report is the NBD connection that wrote: the appliance numbers connections from 1
+/// and tags what each dirties. Connections 1 and 2 only read; the third writes a page, still dirty (writeback every
+/// hour); explaining the arena (where the cache's pages are) names connection 3 for that page.
+#[test]
+fn a_poison_report_names_the_nbd_connection_that_dirtied_the_page() {
+    let s = Server::start("poison-client", &["--volume", "malloc:8M,name=Vol0", "--poison-test-rpc", "--no-cache"]);
+    assert_eq!(s.rpc("bdev_malloc_create", json!({"name": "M2", "num_blocks": 8192, "block_size": 512}))["result"], "M2");
+    let v = s.rpc("nvstack_cache_create", json!({"base_bdev_name": "M2", "cache_mb": 4, "writeback_interval_ms": 3_600_000}));
+    let cache = v["result"].as_str().unwrap_or_else(|| panic!("{v}")).to_string();
+    assert_eq!(s.rpc("nvstack_export_create", json!({"name": "c2", "bdev_name": cache}))["result"], true);
+    assert_eq!(s.rpc("bdev_malloc_create", json!({"name": "M3", "num_blocks": 8192, "block_size": 512}))["result"], "M3");
+    let (c, m) = err(&s.rpc("nvstack_cache_create", json!({"base_bdev_name": "M3", "writeback_interval_ms": 0})));
+    assert_eq!(c, -32602);
+    assert!(m.contains("writeback_interval_ms") && m.contains("1..="), "{m}");
+
+    let mut readers: Vec<RawClient> = (0..2).map(|_| RawClient::connect(&s.nbd_sock, "c2", false)).collect();
+    for (i, r) in readers.iter_mut().enumerate() {
+        r.send(0, 0, i as u64, 0, 4096, &[]);
+        assert_eq!(r.reply().0, 0, "read by connection {}", i + 1);
+    }
+    let mut writer = RawClient::connect(&s.nbd_sock, "c2", false);
+    writer.send(0, 1, 9, 65536, 4096, &[0x5au8; 4096]);
+    assert_eq!(writer.reply(), (0, 9, Vec::new()));
+
+    // Walk the arena 16 MiB (one query's most) at a time until the page caching device byte 65536 shows up.
+    let mut found = None;
+    let mut free_slots = 0;
+    let mut off = 0u64;
+    while found.is_none() {
+        let v = s.rpc("nvstack_poison_explain", json!({"device": "arena", "offset": off, "len": 16u64 << 20}));
+        let v = if v["error"].is_null() {
+            v
+        } else {
+            // The last piece of the arena is shorter than 16 MiB.
+            let (_, m) = err(&v);
+            assert!(m.contains("beyond the end"), "{m}");
+            let v = s.rpc("nvstack_poison_explain", json!({"device": "arena", "offset": off}));
+            assert!(v["error"].is_null(), "{v}");
+            v
+        };
+        let owners = v["result"]["owners"].as_array().unwrap_or_else(|| panic!("{v}")).clone();
+        let page = owners.iter().find(|p| p["owner"]["kind"] == "volume" && p["owner"]["name"] == cache.as_str() && p["owner"]["offset"] == 65536);
+        if let Some(page) = page {
+            free_slots = owners.iter().filter(|p| p["owner"]["kind"] == "cache_slot_free").count();
+            let at = page["offset"].clone();
+            found = owners.iter().find(|p| p["offset"] == at && p["owner"]["kind"] == "cache_page").cloned();
+            assert!(found.is_some(), "no cache page beside the volume piece at {at}: {owners:?}");
+        }
+        off += 16 << 20;
+        assert!(off < 1 << 40, "the written page never showed up in the arena");
+    }
+    let owner = &found.unwrap()["owner"];
+    assert_eq!(owner["dirty"], true, "{owner}");
+    assert_eq!(owner["first_dirtier"], 3, "the third connection wrote the page: {owner}");
+    // The cache's free slots are claimed too (a poisoned one would be retired, not zeroed as free space).
+    assert!(free_slots > 0, "no free cache slot was claimed in the arena window that holds the cache");
+    drop(readers);
+    drop(writer);
+    assert!(s.stop().success());
+}

@@ -40,7 +40,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use nvstack_rmap::action::ActionTarget;
-use nvstack_rmap::cache::CacheMaps;
+use nvstack_rmap::cache::{CacheMaps, ARENA_DEVICE};
 use nvstack_rmap::journal::{Journal, PoisonEvent, Source, DEFAULT_JOURNAL_EVENTS};
 use nvstack_rmap::listener::{action_name, Listener, PoisonPath, RawReport};
 use nvstack_rmap::owner::{Owner, OwnerPiece, Rmap};
@@ -84,6 +84,8 @@ pub struct ServePoison {
     allow_inject: bool,
     listener: Mutex<Option<Listener>>,
     log: PathBuf,
+    /// Bytes of the DMA arena (device `arena` to explain and inject: cache pages live there).
+    arena_bytes: u64,
 }
 
 impl std::fmt::Debug for ServePoison {
@@ -116,6 +118,7 @@ impl ServePoison {
             allow_inject: opts.allow_inject,
             listener: Mutex::new(None),
             log: opts.log.clone(),
+            arena_bytes: arena.size_bytes(),
         });
         me.sync(registry);
         let l = me.path.spawn(POLL_PERIOD).map_err(|e| AppError::Failed(format!("poison listener: {e}")))?;
@@ -277,15 +280,23 @@ pub fn event_json(ev: &PoisonEvent) -> Value {
     v
 }
 
-/// The device range an explain or inject asks about, checked against the bdev.
-fn device_range(registry: &Registry, method: &str, m: &Map<String, Value>) -> Result<(String, u64, u64), RpcError> {
+/// The device range an explain or inject asks about, checked against the bdev (or the DMA arena, device `arena`,
+/// where the caches' pages are).
+fn device_range(p: &ServePoison, registry: &Registry, method: &str, m: &Map<String, Value>) -> Result<(String, u64, u64), RpcError> {
     let device = need_str(m, "device", method)?;
     let offset = need_u64(m, "offset", method)?;
-    let Some(b) = registry.bdev(device) else {
-        let names: Vec<String> = registry.bdevs().iter().map(|b| b.bdev.name().to_string()).collect();
-        return Err(RpcError::new(code::NO_DEVICE, format!("{method}: no bdev named {device:?} (bdevs: {})", names.join(", "))));
+    let size = if device == ARENA_DEVICE {
+        p.arena_bytes
+    } else {
+        let Some(b) = registry.bdev(device) else {
+            let names: Vec<String> = registry.bdevs().iter().map(|b| b.bdev.name().to_string()).collect();
+            return Err(RpcError::new(
+                code::NO_DEVICE,
+                format!("{method}: no bdev named {device:?} (bdevs: {}; or {ARENA_DEVICE:?}, the DMA arena)", names.join(", ")),
+            ));
+        };
+        b.bdev.geometry().size_bytes()
     };
-    let size = b.bdev.geometry().size_bytes();
     if offset >= size {
         return Err(RpcError::params(format!("{method}: offset {offset} is beyond the end of {device:?} ({size} bytes)")));
     }
@@ -349,7 +360,7 @@ pub fn rpc(p: Option<&ServePoison>, registry: &Registry, method: &str, m: Map<St
         }
         "nvstack_poison_explain" => {
             check_keys(&m, method, &["device", "offset", "len"])?;
-            let (device, offset, len) = device_range(registry, method, &m)?;
+            let (device, offset, len) = device_range(p, registry, method, &m)?;
             Ok(event_json(&p.path.explain(RawReport::Device { source: Source::Explain, device, offset, len })))
         }
         "nvstack_poison_inject" => {
@@ -360,7 +371,7 @@ pub fn rpc(p: Option<&ServePoison>, registry: &Registry, method: &str, m: Map<St
                     format!("{method} is a test aid: start `nvstack serve` with --poison-test-rpc to allow it"),
                 ));
             }
-            let (device, offset, len) = device_range(registry, method, &m)?;
+            let (device, offset, len) = device_range(p, registry, method, &m)?;
             match get_str(&m, "via", method)?.unwrap_or("report") {
                 "report" => {}
                 "sigbus" => return inject_sigbus(p, registry, method, &device, offset),
@@ -387,7 +398,7 @@ mod tests {
     fn maps_follow_the_registry() {
         let reg = Registry::new();
         let path = PoisonPath::new(Journal::new(8, None).unwrap());
-        let p = ServePoison { path, caches: CacheMaps::new(nvstack_rmap::cache::ARENA_DEVICE), known: Mutex::new(BTreeMap::new()), allow_inject: false, listener: Mutex::new(None), log: PathBuf::new() };
+        let p = ServePoison { path, caches: CacheMaps::new(nvstack_rmap::cache::ARENA_DEVICE), known: Mutex::new(BTreeMap::new()), allow_inject: false, listener: Mutex::new(None), log: PathBuf::new(), arena_bytes: 0 };
         reg.add_bdev_with(malloc("A"), "bdev_malloc_create", Value::Null, Default::default()).unwrap();
         reg.add_bdev_with(malloc("B"), "bdev_malloc_create", Value::Null, Default::default()).unwrap();
         reg.add_export("ea", "A", "", false).unwrap();
@@ -418,7 +429,7 @@ mod tests {
     fn media_errors_from_the_io_path_become_events() {
         let reg = Registry::new();
         let path = PoisonPath::new(Journal::new(8, None).unwrap());
-        let p = ServePoison { path, caches: CacheMaps::new(nvstack_rmap::cache::ARENA_DEVICE), known: Mutex::new(BTreeMap::new()), allow_inject: false, listener: Mutex::new(None), log: PathBuf::new() };
+        let p = ServePoison { path, caches: CacheMaps::new(nvstack_rmap::cache::ARENA_DEVICE), known: Mutex::new(BTreeMap::new()), allow_inject: false, listener: Mutex::new(None), log: PathBuf::new(), arena_bytes: 0 };
         let a = reg.add_bdev_with(malloc("A"), "bdev_malloc_create", Value::Null, Default::default()).unwrap();
         reg.add_export("ea", "A", "", false).unwrap();
         p.sync(&reg);

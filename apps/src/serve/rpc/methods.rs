@@ -259,8 +259,11 @@ fn file_create(app: &Appliance, method: &str, m: Map<String, Value>) -> Result<V
     open(app, &spec, method, params)
 }
 
+/// Longest periodic writeback interval `nvstack_cache_create` takes (one hour).
+const MAX_WRITEBACK_INTERVAL_MS: u64 = 3_600_000;
+
 fn cache_create(app: &Appliance, method: &str, m: Map<String, Value>) -> Result<Value, RpcError> {
-    check_keys(&m, method, &["base_bdev_name", "cache_mb", "write_through"])?;
+    check_keys(&m, method, &["base_bdev_name", "cache_mb", "write_through", "writeback_interval_ms"])?;
     let base_name = need_str(&m, "base_bdev_name", method)?;
     let base = app.registry.bdev(base_name).ok_or_else(|| RpcError::new(code::NO_DEVICE, format!("{method}: no bdev named {base_name:?}")))?;
     if let Some(by) = base.claimed_by.read().map(|c| c.clone()).unwrap_or(None) {
@@ -271,15 +274,26 @@ fn cache_create(app: &Appliance, method: &str, m: Map<String, Value>) -> Result<
     }
     let cache_mb = get_u64(&m, "cache_mb", method)?.unwrap_or(64);
     let write_through = get_bool(&m, "write_through", method)?;
+    let defaults = nvstack_cache::CacheConfig::default();
+    let interval_ms = match get_u64(&m, "writeback_interval_ms", method)? {
+        None => u64::try_from(defaults.writeback_interval.as_millis()).unwrap_or(u64::MAX),
+        Some(ms @ 1..=MAX_WRITEBACK_INTERVAL_MS) => ms,
+        Some(ms) => {
+            return Err(RpcError::params(format!(
+                "{method}: writeback_interval_ms {ms} is out of range: give 1..={MAX_WRITEBACK_INTERVAL_MS} (dirty data is also written back on flush and under pressure)"
+            )))
+        }
+    };
     let cfg = nvstack_cache::CacheConfig {
         cache_bytes: cache_mb.checked_mul(1 << 20).ok_or_else(|| RpcError::params(format!("{method}: cache_mb too large")))?,
         write_back: !write_through,
-        ..Default::default()
+        writeback_interval: std::time::Duration::from_millis(interval_ms),
+        ..defaults
     };
     let cache = nvstack_cache::CacheBdev::new_striped(Arc::clone(&base.bdev), Arc::clone(&app.arena), cfg, &app.reactors)
         .map_err(|e| RpcError::params(format!("{method}: {e}")))?;
     let name = cache.name().to_string();
-    let params = json!({"base_bdev_name": base_name, "cache_mb": cache_mb, "write_through": write_through});
+    let params = json!({"base_bdev_name": base_name, "cache_mb": cache_mb, "write_through": write_through, "writeback_interval_ms": interval_ms});
     let extra = BdevExtra { cache: Some(Arc::clone(&cache)), ..BdevExtra::default() };
     app.registry.add_bdev_with(cache, method, params, extra).map_err(reg_err)?;
     if let Ok(mut c) = base.claimed_by.write() {
