@@ -12,6 +12,9 @@ use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// One side's state on its own cache line: the position it publishes and its private copy of the other side's.
+/// Most slot lines a consumer asks for ahead when it finds new entries.
+const PREFETCH_LINES: usize = 8;
+
 #[repr(align(128))]
 struct Side {
     /// Published: the producer's tail (entries below it are written) or the consumer's head (slots below it are
@@ -98,6 +101,7 @@ impl<T> Ring<T> {
             if t == h {
                 return None;
             }
+            self.prefetch_slots(h, t);
         }
         // SAFETY: slot `h` is inside [head, tail): written by the producer (visible through the acquire above or an
         // earlier one) and not yet taken; with one consumer (the caller's contract) it is taken once, here.
@@ -105,6 +109,26 @@ impl<T> Ring<T> {
         // Release: we are done with the slot before the producer may write it again.
         self.cons.mine.store(h.wrapping_add(1), Ordering::Release);
         Some(v)
+    }
+
+    /// Ask for the lines of the new slots `h..t` (at most [`PREFETCH_LINES`]) at once, so their cross-core misses
+    /// overlap instead of each stalling the consumer in turn.
+    #[inline]
+    fn prefetch_slots(&self, h: usize, t: usize) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let per_line = (64 / std::mem::size_of::<T>().max(1)).max(1);
+            let n = t.wrapping_sub(h).min(PREFETCH_LINES * per_line);
+            let mut i = per_line; // the first slot's line is read right away
+            while i < n {
+                let at = self.slots[h.wrapping_add(i) & self.mask].get().cast::<i8>();
+                // SAFETY: a prefetch is a hint: it never faults and changes no memory.
+                unsafe { std::arch::x86_64::_mm_prefetch(at, std::arch::x86_64::_MM_HINT_T0) };
+                i += per_line;
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (h, t);
     }
 
     /// Whether the consumer would find nothing now.

@@ -127,6 +127,9 @@ struct Answer {
 // Four to a cache line.
 const _: () = assert!(std::mem::size_of::<Probe>() == 16 && std::mem::size_of::<Answer>() == 16);
 
+/// Token bit of a probe sent for a whole request (parked in its parent slot) rather than for a piece.
+const WHOLE: u32 = 1 << 31;
+
 /// A loan watermark on its own cache line (written by one channel, read by one shard).
 #[repr(align(128))]
 #[derive(Default)]
@@ -878,11 +881,16 @@ impl StripedChannel {
 
     /// A shard answered a probe: take the loan, or send the read as a piece after all.
     fn answered(&mut self, shard: u32, a: Answer) {
-        let Some(mut piece) = self.probing.get_mut(a.token as usize).and_then(Option::take) else {
+        let token = a.token & !WHOLE;
+        let Some(mut piece) = self.probing.get_mut(token as usize).and_then(Option::take) else {
             tracing::error!(shard, token = a.token, "cache: an answer to a probe this channel did not send; ignored");
             return;
         };
-        self.free_tokens.push(a.token);
+        self.free_tokens.push(token);
+        if a.token & WHOLE != 0 {
+            self.answered_whole(shard, piece, a.ctx2);
+            return;
+        }
         if a.ctx2 & LENT != 0 {
             piece.ctx2 = a.ctx2;
             piece.status = IoStatus::Success;
@@ -890,6 +898,70 @@ impl StripedChannel {
         } else {
             self.enqueue(shard, piece);
         }
+    }
+
+    /// A read inside one page for another reactor's shard, probed as it is (see `submit`): reserve a parent slot
+    /// and a piece (so a "send it" answer can always go on), park the request under a token and send the probe.
+    /// Gives the request back when the probe cannot go (no token, the ring full): it then takes the usual path.
+    fn probe_whole(&mut self, shard: u32, io: Box<IoDesc>) -> Result<(), Box<IoDesc>> {
+        let bs = u64::from(self.geo.block_size);
+        let (start, len) = (io.offset_blocks * bs, io.num_blocks * bs);
+        if io.flags.contains(IoFlags::DIRECT) || len == 0 || start / PAGE_BYTES != (start + len - 1) / PAGE_BYTES {
+            return Err(io);
+        }
+        if self.shared.shards[shard as usize].state.load(Ordering::Acquire) != SHARD_RUNNING {
+            return Err(io);
+        }
+        let (Some(&p), Some(&token)) = (self.free_parents.last(), self.free_tokens.last()) else { return Err(io) };
+        let Some(mut piece) = self.free_pieces.pop() else { return Err(io) };
+        // SAFETY: as in `enqueue`: this channel is the one producer of its rings to the shards.
+        if unsafe { self.front.probes[shard as usize].push(Probe { start, len: len as u32, token: token | WHOLE }) }.is_err() {
+            self.free_pieces.push(piece);
+            return Err(io);
+        }
+        self.free_parents.pop();
+        self.free_tokens.pop();
+        piece.ctx = self.piece_ctx(p);
+        self.probing[token as usize] = Some(piece);
+        let parent = &mut self.parents[p as usize];
+        parent.io = Some(io);
+        parent.pending = 1;
+        parent.err = None;
+        (parent.next, parent.end) = (0, 0);
+        Ok(())
+    }
+
+    /// The answer to a whole-request probe: a loan is copied straight into the request's buffer, which completes;
+    /// "send it" sends the reserved piece for the whole request.
+    fn answered_whole(&mut self, shard: u32, mut piece: Box<IoDesc>, ctx2: u64) {
+        let p = (piece.ctx & 0xffff_ffff) as usize;
+        let Some(mut io) = self.parents.get_mut(p).and_then(|pa| pa.io.take()) else {
+            tracing::error!(shard, parent = p, "cache: a probe's request is missing; ignored");
+            self.free_pieces.push(piece);
+            return;
+        };
+        if ctx2 & LENT != 0 {
+            io.status = IoStatus::Success;
+            self.take_loan(&mut io, ctx2);
+            self.free_pieces.push(piece);
+            self.free_parents.push(p as u32);
+            self.done.push(io);
+            return;
+        }
+        let ctx = piece.ctx;
+        piece.prepare(io.op, io.offset_blocks, io.num_blocks);
+        piece.flags = io.flags;
+        piece.ctx = ctx;
+        piece.client = self.client_of(&io);
+        for s in io.segs() {
+            // SAFETY: a whole segment of the caller's request, valid and untouched until the request completes,
+            // which is after this piece comes back; a piece has as many segments as its request.
+            if unsafe { piece.push_seg_raw(s.ptr(), s.iova(), s.len()) }.is_err() {
+                tracing::error!("cache: a piece needed more segments than its request");
+            }
+        }
+        self.parents[p].io = Some(io);
+        self.enqueue(shard, piece);
     }
 
     /// Put a piece on its shard's ring (or keep it, in order, when the ring is full).
@@ -912,8 +984,8 @@ impl StripedChannel {
 
     /// A read piece came back as a loan: copy the lent page's bytes into the caller's segments, then publish that
     /// the loan is over.
-    fn take_loan(&mut self, piece: &mut IoDesc) {
-        let (shard, slot, seq) = lent_parts(piece.ctx2);
+    fn take_loan(&mut self, piece: &mut IoDesc, ctx2: u64) {
+        let (shard, slot, seq) = lent_parts(ctx2);
         let bs = u64::from(self.geo.block_size);
         let (off, len) = ((piece.offset_blocks * bs) % PAGE_BYTES, piece.num_blocks * bs);
         let at = slot * PAGE_BYTES + off;
@@ -954,7 +1026,8 @@ impl StripedChannel {
 
     fn piece_done(&mut self, mut piece: Box<IoDesc>) {
         if piece.ctx2 & LENT != 0 {
-            self.take_loan(&mut piece);
+            let ctx2 = piece.ctx2;
+            self.take_loan(&mut piece, ctx2);
             piece.ctx2 = 0;
         }
         let p = (piece.ctx & 0xffff_ffff) as usize;
@@ -1091,6 +1164,13 @@ impl IoChannel for StripedChannel {
                         io.status = st;
                         self.done.push(io);
                         return Ok(());
+                    }
+                } else if self.shared.shards.len() > 1 {
+                    // Another reactor's page: probe with the request itself. On a hit (a loan) it completes
+                    // without a piece ever being built or sent.
+                    match self.probe_whole(owner, io) {
+                        Ok(()) => return Ok(()),
+                        Err(back) => io = back,
                     }
                 }
             }
@@ -1236,7 +1316,9 @@ impl Drop for StripedChannel {
         // (bounded), so the channel id can be reused safely.
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut sink = Vec::with_capacity(self.depth as usize);
-        while self.free_pieces.len() + self.unsent.len() < self.piece_count && Instant::now() < deadline {
+        while (self.free_pieces.len() + self.unsent.len() < self.piece_count || self.free_tokens.len() < self.piece_count)
+            && Instant::now() < deadline
+        {
             sink.clear();
             self.poll(&mut sink);
             if !self.unsent.is_empty() && self.shared.shards.iter().all(|s| s.state.load(Ordering::Acquire) >= SHARD_DONE_CLEAN) {
@@ -1245,7 +1327,7 @@ impl Drop for StripedChannel {
             std::thread::yield_now();
         }
         let back = self.free_pieces.len() + self.unsent.len();
-        if back < self.piece_count {
+        if back < self.piece_count || self.free_tokens.len() < self.piece_count {
             // Keep the id taken forever: a late piece must not land on a new channel's ring.
             tracing::error!(channel = self.id, missing = self.piece_count - back, "cache channel closed with pieces still at the shards");
             return;

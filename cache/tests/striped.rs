@@ -712,15 +712,22 @@ fn a_probe_does_not_lend_bytes_lost_to_poison() {
     let hit = cache.poison_device_range(page, page + BLK).expect("poison");
     assert_eq!(hit.len(), 1, "the poisoned range held one cached page");
     let loans1 = cache.stats().loans.load(Ordering::Relaxed);
-    let d = run_sync(ch.as_mut(), desc(IoOp::Read, rptr, rbuf.iova()), t).expect("read after poison");
+    // The request itself goes as the probe: whatever the answer, the caller's context words come back untouched.
+    let mut r = desc(IoOp::Read, rptr, rbuf.iova());
+    (r.ctx, r.ctx2) = (0x5eed, u64::MAX);
+    let d = run_sync(ch.as_mut(), r, t).expect("read after poison");
     assert!(matches!(d.status, IoStatus::Failed(_)), "a read of bytes lost to poison returned {:?}", d.status);
+    assert_eq!((d.ctx, d.ctx2), (0x5eed, u64::MAX), "the failed read's context words changed");
     assert_eq!(cache.stats().loans.load(Ordering::Relaxed), loans1, "bytes lost to poison were lent");
     // A full overwrite clears the error; the read is a loan again, of the new bytes.
     // SAFETY: no request is in flight on the write buffer.
     unsafe { std::ptr::write_bytes(wptr.as_ptr(), 0x44, BLK as usize) };
     assert_eq!(run_sync(ch.as_mut(), desc(IoOp::Write, wptr, wbuf.iova()), t).expect("overwrite").status, IoStatus::Success);
-    let d = run_sync(ch.as_mut(), desc(IoOp::Read, rptr, rbuf.iova()), t).expect("read after overwrite");
+    let mut r = desc(IoOp::Read, rptr, rbuf.iova());
+    (r.ctx, r.ctx2) = (0x5eed, u64::MAX);
+    let d = run_sync(ch.as_mut(), r, t).expect("read after overwrite");
     assert_eq!(d.status, IoStatus::Success);
+    assert_eq!((d.ctx, d.ctx2), (0x5eed, u64::MAX), "the lent read's context words changed");
     assert!(cache.stats().loans.load(Ordering::Relaxed) > loans1, "the overwritten page was not lent");
     let mut data = vec![0u8; BLK as usize];
     // SAFETY: the read completed into the read buffer; BLK bytes are valid.
