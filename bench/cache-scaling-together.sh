@@ -5,6 +5,9 @@
 # two. A shared machine's speed drifts by a third between runs seconds apart (the device machine: 1 reactor
 # 1.35-3.15 M IOPS in one session); a ratio of runs taken one after the other carries that drift, a ratio of runs
 # taken together does not. Places rotate every round (the pair's cross-core latency differs from pair to pair).
+# The catch: the 1-reactor run shares the machine with the 2-reactor one (three busy cores: the last-level cache,
+# memory, and on a VM perhaps host cores), and runs slower than alone, so this ratio can come out higher than one
+# taken alone; read it beside bench/cache-scaling-cores.sh, not instead of it.
 #   ROUNDS     rounds (default 8)
 #   SECS       seconds per run (default 4)
 #   NVSTACK_B  a second binary: its 2-reactor run goes at the same moment on a third place (an A/B of two builds)
