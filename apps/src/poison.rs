@@ -322,6 +322,7 @@ fn print_event(e: &PoisonEvent, json: bool) -> Result<(), AppError> {
                 format!("cache page {page_index} ({}, first dirtier {first_dirtier:?})", if *dirty { "dirty" } else { "clean" })
             }
             Owner::CacheSlotFree { page_index } => format!("free cache slot {page_index}"),
+            Owner::CacheSlotRetired { page_index } => format!("retired cache slot {page_index} (poisoned before)"),
             Owner::Volume { name, offset } => format!("volume {name} at {offset:#x}"),
             Owner::File { ino, file_offset, attr_fork, bmbt, unwritten } => format!(
                 "inode {ino} offset {file_offset}{}{}{}",

@@ -1310,6 +1310,12 @@ impl CacheChannel {
         self.pages.slot_of_arena_offset(&self.arena, arena_offset).is_some_and(|(slot, _)| self.pages.is_free(slot))
     }
 
+    /// Whether the page holding arena byte `arena_offset` is one of this engine's slots, out of service since an
+    /// earlier poison event.
+    pub fn slot_retired_at(&self, arena_offset: u64) -> bool {
+        self.pages.slot_of_arena_offset(&self.arena, arena_offset).is_some_and(|(slot, _)| self.pages.is_retired(slot))
+    }
+
     /// Poison action for a free slot: the page holding arena byte `arena_offset` is taken out of service for good
     /// (never handed out, so nothing ever reads or fills poisoned memory). True when it was a free slot of ours.
     pub fn retire_free_slot_at(&mut self, arena_offset: u64) -> bool {

@@ -233,6 +233,11 @@ impl Pages {
         self.dev_page.get(s as usize).is_some_and(|&p| p == EMPTY)
     }
 
+    /// Whether slot `s` is out of service (its memory was poisoned).
+    pub fn is_retired(&self, s: u32) -> bool {
+        self.dev_page.get(s as usize).is_some_and(|&p| p == RETIRED)
+    }
+
     /// Slots taken out of service.
     pub fn retired_count(&self) -> u32 {
         self.dev_page.iter().filter(|&&p| p == RETIRED).count() as u32

@@ -82,6 +82,16 @@ impl CacheBdev {
         self.shared().call(shard, move |engine| engine.slot_free_at(arena_offset))
     }
 
+    /// Whether the page holding arena byte `arena_offset` is a slot of this cache taken out of service by an earlier
+    /// poison event (it holds nothing and is never handed out).
+    ///
+    /// # Errors
+    /// [`CacheError::Control`] when the owning shard does not answer.
+    pub fn slot_retired_at(&self, arena_offset: u64) -> Result<bool, CacheError> {
+        let Some(shard) = self.owns_arena_offset(arena_offset) else { return Ok(false) };
+        self.shared().call(shard, move |engine| engine.slot_retired_at(arena_offset))
+    }
+
     /// The poison action for a free slot: the page holding arena byte `arena_offset` is never handed out again.
     /// True when it was a free slot of this cache (false: not ours, holding data, or retired already).
     ///

@@ -4,7 +4,8 @@
 //! layers owning the data register (the pmem bdev zeroes, the cache drops or marks pages, volumes degrade).
 //!
 //! Order of precedence, most serious first: dirty cached data lost → metadata (volume degraded) → file data
-//! (reported) → clean cached data (drop and refetch) → free cache slots (retired) → free space (zero and clear).
+//! (reported) → clean cached data (drop and refetch) → free cache slots (retired) → cache slots retired by an
+//! earlier event (nothing to do) → free space (zero and clear).
 //! Whatever the action, every cache page and free slot of the event is dealt with (a hugepage event spans many:
 //! dirty ones lose their data, clean ones are dropped, free ones retired). Unknown is never free: with no
 //! owner at all, nothing is touched.
@@ -41,6 +42,9 @@ pub fn decide(res: &Resolution) -> Action {
     if !res.failures.is_empty() {
         // A plugin failed: we cannot prove the range is free.
         return Action::NoOwnerKnown;
+    }
+    if leaves.iter().all(|p| matches!(p.owner, Owner::CacheSlotRetired { .. })) {
+        return Action::AlreadyRetired;
     }
     if leaves.iter().all(|p| matches!(p.owner, Owner::Free)) {
         return Action::ZeroAndClear;
@@ -118,6 +122,10 @@ mod tests {
         let slot = Owner::CacheSlotFree { page_index: 3 };
         assert_eq!(decide(&res(vec![slot.clone()])), Action::RetireSlot);
         assert_eq!(decide(&res(vec![slot.clone(), clean.clone()])), Action::DropAndRefetch);
+        let retired = Owner::CacheSlotRetired { page_index: 4 };
+        assert_eq!(decide(&res(vec![retired.clone()])), Action::AlreadyRetired, "retired before: nothing left to do");
+        assert_eq!(decide(&res(vec![retired.clone(), slot.clone()])), Action::RetireSlot, "the free slot beside it is retired");
+        assert_eq!(decide(&res(vec![retired, clean.clone()])), Action::DropAndRefetch);
         assert_eq!(decide(&res(vec![slot, dirty.clone()])), Action::DataLoss { first_dirtier: Some(3) });
         assert_eq!(decide(&res(vec![clean.clone(), file.clone()])), Action::ReportFileData);
         assert_eq!(decide(&res(vec![file.clone(), meta.clone()])), Action::Degraded { volume: "d".into() });

@@ -156,6 +156,8 @@ impl Rmap for CacheMaps {
             let Some((start, end)) = cache.device_range_of(page).map_err(|e| ask("device range", e))? else {
                 if cache.slot_free_at(page).map_err(|e| ask("slot", e))? {
                     out.push(piece(Owner::CacheSlotFree { page_index: page / PAGE }));
+                } else if cache.slot_retired_at(page).map_err(|e| ask("slot", e))? {
+                    out.push(piece(Owner::CacheSlotRetired { page_index: page / PAGE }));
                 }
                 return Ok(());
             };

@@ -60,6 +60,8 @@ pub enum Action {
         /// The volume.
         volume: String,
     },
+    /// Cache slots already out of service only (poisoned before): nothing to do, nothing lost.
+    AlreadyRetired,
     /// The address could not be turned into a device offset.
     Untranslated,
     /// No reverse map knows the range: nothing is touched (unknown is not free).

@@ -272,7 +272,7 @@ impl PoisonPath {
                 results.push(fmt_result("degrade", volume, r));
             }
             Action::ReportFileData => results.push("reported to the owners' file system (no data touched)".into()),
-            Action::Untranslated | Action::NoOwnerKnown | Action::None => {}
+            Action::AlreadyRetired | Action::Untranslated | Action::NoOwnerKnown | Action::None => {}
         }
         if results.is_empty() {
             return "ok".into();
@@ -410,6 +410,7 @@ pub fn action_name(a: &Action) -> &'static str {
         Action::DataLoss { .. } => "mark IOERR and report data loss (dirty cached data)",
         Action::ReportFileData => "report to the file's owners (file data)",
         Action::Degraded { .. } => "mark the volume degraded (metadata)",
+        Action::AlreadyRetired => "nothing (cache slot already retired by an earlier event)",
         Action::Untranslated => "nothing (address not in any registered mapping)",
         Action::NoOwnerKnown => "nothing (no reverse map claims the range)",
         Action::None => "nothing",

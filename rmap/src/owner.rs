@@ -36,6 +36,12 @@ pub enum Owner {
         /// Arena page index of the slot.
         page_index: u64,
     },
+    /// A slot of the extent cache already out of service (poisoned in an earlier event): it holds no data and is never
+    /// handed out, so there is nothing left to do.
+    CacheSlotRetired {
+        /// Arena page index of the slot.
+        page_index: u64,
+    },
     /// A volume (export or partition) lives there: the registry follows it.
     Volume {
         /// The volume's name (a device name its own reverse maps are registered under).

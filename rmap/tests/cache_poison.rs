@@ -161,6 +161,17 @@ fn arena_poison_under_cache_pages_drops_clean_and_loses_dirty() {
     assert_eq!(cache.device_range_of(free_at).expect("query"), None, "a retired free slot was handed out");
     assert!((lo..hi).step_by(4096).all(|off| !cache.slot_free_at(off).expect("slot")), "the writes used every free slot");
 
+    // 4. The retired slot poisoned again (a second machine check on the same memory): named as retired, nothing done.
+    assert!(cache.slot_retired_at(free_at).expect("slot"));
+    inject_synthetic_sigbus(base + free_at as usize + 16, false, 12).expect("inject");
+    let evs = wait_for(&path, 4);
+    let e = evs.last().expect("an event");
+    assert_eq!(e.action, Action::AlreadyRetired, "{e:?}");
+    assert_eq!(e.owners.len(), 1, "{:?}", e.owners);
+    assert!(matches!(e.owners[0].owner, Owner::CacheSlotRetired { page_index } if page_index == free_at / 4096), "{:?}", e.owners);
+    assert_eq!(e.outcome, "ok", "nothing is acted on");
+    assert_eq!(cache.device_range_of(free_at).expect("query"), None, "still out of service");
+
     listener.stop();
     drop(io);
     drop(ch);
