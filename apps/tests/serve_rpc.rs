@@ -106,3 +106,100 @@ fn invalid_config_files_give_clear_errors() {
         assert!(err.contains(want) && err.contains(p.to_str().unwrap()), "error for config {i} should name {want:?} and the file: {err}");
     }
 }
+
+fn rpc_err(v: &serde_json::Value) -> (i64, String) {
+    (v["error"]["code"].as_i64().unwrap_or_else(|| panic!("no error: {v}")), v["error"]["message"].as_str().unwrap_or_default().to_string())
+}
+
+/// A simple-reply read of `len` bytes at `offset`: (error, data).
+fn nbd_read(cl: &mut RawClient, handle: u64, offset: u64, len: u32) -> (u32, Vec<u8>) {
+    use std::io::Read;
+    cl.send(0, 0, handle, offset, len, &[]);
+    let (e, h, _) = cl.reply();
+    assert_eq!(h, handle);
+    let mut data = vec![0u8; if e == 0 { len as usize } else { 0 }];
+    cl.s.read_exact(&mut data).expect("read payload");
+    (e, data)
+}
+
+fn claimed(s: &Server, name: &str) -> bool {
+    let v = s.rpc("bdev_get_bdevs", json!({"name": name}));
+    v["result"][0]["claimed"].as_bool().unwrap_or_else(|| panic!("{v}"))
+}
+
+/// `nvstack_cache_delete`: refused with nothing changed while the cache is exported, still serves a connection, or
+/// is not a cache; then it writes dirty data back, stops the cache and frees its base, which holds the data and can
+/// be cached again.
+#[test]
+fn cache_delete_writes_back_stops_the_cache_and_frees_its_base() {
+    let s = Server::start("cachedel", &["--no-cache"]);
+    assert_eq!(s.rpc("bdev_malloc_create", json!({"name": "M9", "num_blocks": 16384, "block_size": 512}))["result"], "M9");
+    // An hour between periodic write-backs: what the client writes stays dirty in the cache until the delete.
+    let v = s.rpc("nvstack_cache_create", json!({"base_bdev_name": "M9", "cache_mb": 4, "writeback_interval_ms": 3_600_000}));
+    let cache = v["result"].as_str().unwrap_or_else(|| panic!("{v}")).to_string();
+    assert!(claimed(&s, "M9"));
+    assert_eq!(s.rpc("nvstack_export_create", json!({"name": "cd", "bdev_name": cache}))["result"], true);
+    let data: Vec<u8> = (0..65536u32).map(|i| (i * 7 + 3) as u8).collect();
+    let mut cl = RawClient::connect(&s.nbd_sock, "cd", false);
+    cl.send(0, 1, 1, 1 << 20, 65536, &data);
+    assert_eq!(cl.reply().0, 0, "write");
+
+    // Refusals, each leaving everything as it was.
+    let (c, m) = rpc_err(&s.rpc("nvstack_cache_delete", json!({"name": cache})));
+    assert_eq!(c, -16, "{m}");
+    assert!(m.contains("\"cd\"") && m.contains("nvstack_export_delete"), "{m}");
+    let (c, m) = rpc_err(&s.rpc("nvstack_bdev_delete", json!({"name": cache})));
+    assert_eq!(c, -32602);
+    assert!(m.contains("nvstack_cache_delete"), "the error names the right method: {m}");
+    let (c, m) = rpc_err(&s.rpc("nvstack_cache_delete", json!({"name": "M9"})));
+    assert_eq!(c, -32602);
+    assert!(m.contains("not a cache") && m.contains("bdev_malloc_delete"), "{m}");
+    let (c, _) = rpc_err(&s.rpc("nvstack_cache_delete", json!({"name": "nope"})));
+    assert_eq!(c, -19);
+    let (c, m) = rpc_err(&s.rpc("nvstack_cache_delete", json!({"name": cache, "force": true})));
+    assert_eq!(c, -32602, "{m}");
+    // The export goes, the connection stays: the cache still serves it.
+    assert_eq!(s.rpc("nvstack_export_delete", json!({"name": "cd"}))["result"], true);
+    let (c, m) = rpc_err(&s.rpc("nvstack_cache_delete", json!({"name": cache})));
+    assert_eq!(c, -16, "{m}");
+    assert!(m.contains("1 NBD connection"), "{m}");
+    let (e, got) = nbd_read(&mut cl, 2, 1 << 20, 4096);
+    assert!(e == 0 && got[..] == data[..4096], "the connection is still served (error {e})");
+
+    // Disconnected: the delete goes through (the reactor notices the connection's end within a few polls).
+    drop(cl);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let v = s.rpc("nvstack_cache_delete", json!({"name": cache}));
+        if v["result"] == true {
+            break;
+        }
+        let (c, m) = rpc_err(&v);
+        assert!(c == -16 && m.contains("NBD connection") && std::time::Instant::now() < deadline, "{m}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let names: Vec<String> =
+        s.rpc("bdev_get_bdevs", json!({}))["result"].as_array().unwrap().iter().map(|b| b["name"].as_str().unwrap().to_string()).collect();
+    assert!(!names.contains(&cache), "{names:?}");
+    assert!(!claimed(&s, "M9"), "the base is free again");
+
+    // The base holds what the client wrote (it was only in the cache before the delete).
+    assert_eq!(s.rpc("nvstack_export_create", json!({"name": "raw", "bdev_name": "M9"}))["result"], true);
+    let mut cl = RawClient::connect(&s.nbd_sock, "raw", false);
+    let (e, got) = nbd_read(&mut cl, 3, 1 << 20, 65536);
+    assert!(e == 0 && got == data, "the dirty data was written back (error {e})");
+    drop(cl);
+    assert_eq!(s.rpc("nvstack_export_delete", json!({"name": "raw"}))["result"], true);
+
+    // Cached again and deleted again, five times over with 48 MiB of pages each: more than the whole arena
+    // (about 118 MiB here), so each delete must give its pages back. Then the base itself goes.
+    for round in 0..5 {
+        let v = s.rpc("nvstack_cache_create", json!({"base_bdev_name": "M9", "cache_mb": 48}));
+        assert_eq!(v["result"].as_str(), Some(cache.as_str()), "round {round}: {v}");
+        assert_eq!(s.rpc("nvstack_cache_delete", json!({"name": cache}))["result"], true, "round {round}");
+    }
+    assert_eq!(s.rpc("bdev_malloc_delete", json!({"name": "M9"}))["result"], true);
+    let cfg = s.rpc("save_config", json!({}))["result"].to_string();
+    assert!(!cfg.contains("M9"), "{cfg}");
+    assert!(s.stop().success());
+}

@@ -1536,6 +1536,10 @@ impl Drop for CacheChannel {
                 }
             }
         }
+        if !self.jobs.iter().any(|j| j.busy) {
+            // No device writes the pages any more: their memory can serve a later cache (unless some is poisoned).
+            self.pages.give_back_on_drop();
+        }
         let dirty = self.tree.total(Bits::DIRTY);
         if dirty > 0 {
             tracing::warn!(dirty_bytes = dirty, "cache channel dropped with dirty data (flush before closing)");

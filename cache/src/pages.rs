@@ -233,6 +233,17 @@ impl Pages {
         self.dev_page.get(s as usize).is_some_and(|&p| p == EMPTY)
     }
 
+    /// Let the slots' memory go back to the arena when these pages are dropped, for a later cache to use: called by
+    /// the engine once no device I/O into them is in flight. Not when a slot was retired: poisoned memory is never
+    /// handed out again (the whole region then stays out of use).
+    pub fn give_back_on_drop(&mut self) {
+        let clean = self.retired_count() == 0;
+        self.region.reuse_on_drop(clean);
+        if !clean {
+            tracing::info!(retired = self.retired_count(), "cache pages: poisoned slots, so the memory is not reused");
+        }
+    }
+
     /// Whether slot `s` is out of service (its memory was poisoned).
     pub fn is_retired(&self, s: u32) -> bool {
         self.dev_page.get(s as usize).is_some_and(|&p| p == RETIRED)

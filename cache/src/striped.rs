@@ -30,8 +30,10 @@
 //! waits for the answer with a deadline. A single-reactor cache ([`CacheBdev::new`]) has the same control ring,
 //! drained by its one channel's `poll`.
 //!
-//! Shutdown: when the reactors stop or the cache is dropped, each shard writes back and flushes everything, then
-//! leaves its reactor. A channel opened after that answers FLUSH from the shards' final state.
+//! Shutdown: when the reactors stop, or the cache is dropped or closed ([`CacheBdev::close`]) and no channel is open
+//! any more, each shard writes back and flushes everything, then leaves its reactor and frees its engine and pages.
+//! A channel opened after the reactors stopped answers FLUSH from the shards' final state; once the cache is closing,
+//! no channel opens.
 
 use std::collections::VecDeque;
 use std::ptr::NonNull;
@@ -176,6 +178,8 @@ pub(crate) struct ShardSlot {
     thread: AtomicU64,
     /// The shard's final flush, when a same-thread channel reaped it from the engine.
     final_back: ArrayQueue<Box<IoDesc>>,
+    /// The shard's poller has left its reactor (its engine freed, or leaked when loans outlived their deadline).
+    left: AtomicBool,
 }
 
 /// A number naming the current thread (never 0), cheap to read on the I/O path.
@@ -216,6 +220,7 @@ impl Shared {
                     engine: AtomicPtr::new(std::ptr::null_mut()),
                     thread: AtomicU64::new(0),
                     final_back: ArrayQueue::new(1),
+                    left: AtomicBool::new(false),
                 })
                 .collect(),
             stripes,
@@ -268,6 +273,11 @@ impl Shared {
     #[inline]
     pub(crate) fn loan_ack(&self, ch: usize, shard: u32) -> u64 {
         self.fronts.get(ch).and_then(OnceLock::get).and_then(|f| f.acks.get(shard as usize)).map_or(0, |a| a.0.load(Ordering::Acquire))
+    }
+
+    /// No channel is open (every channel id is free again).
+    fn no_channel_open(&self) -> bool {
+        self.front_busy.iter().all(|b| !b.load(Ordering::Acquire))
     }
 
     /// Dirty bytes over all shards.
@@ -414,9 +424,55 @@ impl CacheBdev {
     }
 }
 
+/// How often [`CacheBdev::close`] looks at the shards while it waits.
+const CLOSE_POLL: Duration = Duration::from_millis(2);
+
+impl CacheBdev {
+    /// Stop a striped cache for good (the appliance's `nvstack_cache_delete`): no channel opens any more, and once
+    /// every open channel is closed each shard writes back and flushes everything, leaves its reactor and frees its
+    /// engine and pages. Waits up to `timeout` for every shard to have left. Flush first (a FLUSH through a channel)
+    /// to learn of a write-back failure while the cache still runs: this is the last word, not a way to retry.
+    ///
+    /// # Errors
+    /// [`CacheError::Config`] for a single-reactor cache (it stops when its one channel is dropped);
+    /// [`CacheError::Control`] naming a shard that has not left by the deadline (a channel is still open) or that
+    /// left with data it could not write back (logged with the byte count).
+    pub fn close(&self, timeout: Duration) -> Result<(), CacheError> {
+        let shared = self.shared();
+        if !shared.is_striped() {
+            return Err(CacheError::Config { what: "close", reason: "applies to a striped cache only (drop the channel of a single-reactor one)" });
+        }
+        shared.closing.store(true, Ordering::Release);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let waiting = shared
+                .shards
+                .iter()
+                .position(|s| s.state.load(Ordering::Acquire) != SHARD_NONE && !s.left.load(Ordering::Acquire));
+            let Some(shard) = waiting else { break };
+            if Instant::now() >= deadline {
+                let reason = if shared.no_channel_open() {
+                    "did not stop in time (still writing back?)"
+                } else {
+                    "did not stop in time: a channel to the cache is still open (close every user first)"
+                };
+                return Err(CacheError::Control { shard: shard as u32, reason });
+            }
+            std::thread::sleep(CLOSE_POLL);
+        }
+        match shared.shards.iter().position(|s| s.state.load(Ordering::Acquire) == SHARD_DONE_DIRTY) {
+            Some(shard) => Err(CacheError::Control { shard: shard as u32, reason: "stopped with data it could not write back (see the log)" }),
+            None => {
+                tracing::info!(name = self.name(), "cache closed: written back, flushed, every shard gone");
+                Ok(())
+            }
+        }
+    }
+}
+
 impl Drop for CacheBdev {
     fn drop(&mut self) {
-        // The shards write back, flush and leave their reactors.
+        // The shards write back, flush and leave their reactors once no channel is open (or when the reactors stop).
         self.shared().closing.store(true, Ordering::Release);
     }
 }
@@ -649,8 +705,9 @@ impl Poller for ShardPoller {
             self.final_state = FinalFlush::NotStarted;
             self.slot().state.store(SHARD_RUNNING, Ordering::Release);
         }
-        // Shutdown: once nothing is waiting, write back and flush everything, then leave.
-        let leaving = ctx.stopping() || self.shared.closing.load(Ordering::Acquire);
+        // Shutdown: once nothing is waiting, write back and flush everything, then leave. A closing cache waits for
+        // its channels to close first (a channel still open could send a piece after the shard left).
+        let leaving = ctx.stopping() || (self.shared.closing.load(Ordering::Acquire) && self.shared.no_channel_open());
         if leaving && self.stalled.is_none() && self.inbox_empty() {
             let engine_idle = self.engine().outstanding() == 0;
             match self.final_state {
@@ -694,11 +751,11 @@ impl Drop for ShardPoller {
         // No channel may reach the engine any more (they run on this thread, so none is inside it now).
         self.slot().engine.store(std::ptr::null_mut(), Ordering::Release);
         self.slot().thread.store(0, Ordering::Release);
-        if self.leak_engine {
-            return;
+        if !self.leak_engine {
+            // SAFETY: the pointer came from `Box::leak` in `new` and nothing else frees it.
+            drop(unsafe { Box::from_raw(self.engine.as_ptr()) });
         }
-        // SAFETY: the pointer came from `Box::leak` in `new` and nothing else frees it.
-        drop(unsafe { Box::from_raw(self.engine.as_ptr()) });
+        self.slot().left.store(true, Ordering::Release);
     }
 }
 

@@ -770,3 +770,51 @@ fn pieces_carry_the_requests_client_as_first_dirtier() {
     drop(ch);
     drop(cache);
 }
+
+/// `close` (the appliance's cache delete): no channel opens any more; while a channel is open the shards keep
+/// serving it and `close` gives up at its deadline saying so; once the channel is closed every shard writes back
+/// what is dirty, flushes and leaves its reactor, and the backing device holds the data.
+#[test]
+fn close_waits_for_open_channels_then_writes_back_and_stops_every_shard() {
+    let (arena, backing, reactors, cache) = striped_rig();
+    let mut ch = cache.open_channel(ChannelOpts { reactor_index: 0, queue_depth: 4 }).expect("channel");
+    let mut pool = BufPool::new(&arena, BLK as u32, 1, 4096, "test").expect("pool");
+    let buf = pool.get().expect("buf");
+    let ptr = buf_ptr(&buf);
+    // Eight pages over two stripes (both shards), each filled with its own byte: cached and dirty.
+    let pages = 2 * STRIPE / BLK;
+    for p in 0..pages {
+        // SAFETY: no request is in flight on the buffer.
+        unsafe { std::ptr::write_bytes(ptr.as_ptr(), 0x40 + p as u8, BLK as usize) };
+        let d = run_sync(ch.as_mut(), page_desc(IoOp::Write, p * BLK, ptr, buf.iova()), Duration::from_secs(10)).expect("write");
+        assert_eq!(d.status, IoStatus::Success);
+    }
+    assert!(cache.stats().dirty_bytes.load(Ordering::Acquire) > 0, "the writes are cached, not yet written back");
+
+    // A channel is open: the shards stay, and close says why it gave up.
+    let e = cache.close(Duration::from_millis(200)).expect_err("a channel is still open");
+    assert!(e.to_string().contains("channel to the cache is still open"), "{e}");
+    assert!(cache.open_channel(ChannelOpts { reactor_index: 1, queue_depth: 4 }).is_err(), "a closing cache opens no channel");
+    let d = run_sync(ch.as_mut(), page_desc(IoOp::Read, 5 * BLK, ptr, buf.iova()), Duration::from_secs(10)).expect("read");
+    assert_eq!(d.status, IoStatus::Success, "the open channel is still served");
+    // SAFETY: the read completed into the buffer.
+    assert_eq!(unsafe { *ptr.as_ptr().add(100) }, 0x45);
+
+    drop(ch);
+    let carved = arena.carved_bytes();
+    cache.close(Duration::from_secs(10)).expect("every shard written back and gone");
+    assert_eq!(cache.stats().dirty_bytes.load(Ordering::Acquire), 0);
+    assert_eq!(carved - arena.carved_bytes(), 4 << 20, "the shards' pages went back to the arena");
+    let mut bch = backing.open_channel(ChannelOpts { reactor_index: 0, queue_depth: 4 }).expect("backing channel");
+    for p in 0..pages {
+        let d = run_sync(bch.as_mut(), page_desc(IoOp::Read, p * BLK, ptr, buf.iova()), Duration::from_secs(10)).expect("read");
+        assert_eq!(d.status, IoStatus::Success);
+        let mut got = vec![0u8; BLK as usize];
+        // SAFETY: the read completed; the buffer holds BLK valid bytes.
+        unsafe { std::ptr::copy_nonoverlapping(ptr.as_ptr(), got.as_mut_ptr(), BLK as usize) };
+        assert!(got.iter().all(|&b| b == 0x40 + p as u8), "page {p} reached the backing device");
+    }
+    drop(bch);
+    drop(cache);
+    reactors.stop().expect("stop");
+}

@@ -5,8 +5,11 @@
 //!   described as a single vm-memory region whose *guest address is the IOVA*. It is mapped for DMA once per VFIO
 //!   container, by the VFIO layer, from [`Arena::regions`]. It is never unmapped while any [`DmaRegion`] lives:
 //!   every region holds an `Arc<Arena>`.
-//! - [`Arena::carve`] hands out [`DmaRegion`]s (start-time only: a bump allocator under a mutex). Queues, PRP
-//!   lists, cache pages and buffer pools are regions.
+//! - [`Arena::carve`] hands out [`DmaRegion`]s (control path only: a bump allocator under a mutex). Queues, PRP
+//!   lists, cache pages and buffer pools are regions. A region is never reused by default: a device might still
+//!   write a dropped one (a queue of a controller that failed to stop). An owner that knows no device can touch it
+//!   any more marks it [`DmaRegion::reuse_on_drop`] (the cache, for its pages); such a region goes back to the arena
+//!   when dropped and a later `carve` may hand its bytes out again.
 //! - A [`BufPool`] splits a region into equal [`DmaBuf`]s. The pool is owned by one reactor: `get`/`put` take no
 //!   lock and never allocate.
 //!
@@ -90,8 +93,73 @@ pub struct Arena {
     host_base: NonNull<u8>,
     size_bytes: u64,
     backing: ArenaBacking,
-    next_free: Mutex<u64>,
+    alloc: Mutex<Alloc>,
     carved_bytes: AtomicU64,
+}
+
+/// The arena's allocator: a bump pointer, and the ranges given back below it (sorted, disjoint, not touching).
+#[derive(Debug, Default)]
+struct Alloc {
+    next: u64,
+    free: Vec<(u64, u64)>,
+}
+
+impl Alloc {
+    /// First fit among the ranges given back, else at the bump pointer: `[start, start + size)` aligned to `align`,
+    /// inside `limit`.
+    fn take(&mut self, size: u64, align: u64, limit: u64) -> Option<u64> {
+        let fit = |s: u64, e: u64| s.checked_next_multiple_of(align).filter(|&a| a.checked_add(size).is_some_and(|end| end <= e));
+        if let Some((i, start)) = self.free.iter().enumerate().find_map(|(i, &(s, e))| fit(s, e).map(|a| (i, a))) {
+            let (s, e) = self.free.remove(i);
+            let end = start + size;
+            if end < e {
+                self.free.insert(i, (end, e));
+            }
+            if s < start {
+                self.free.insert(i, (s, start));
+            }
+            return Some(start);
+        }
+        let start = fit(self.next, limit)?;
+        if start > self.next {
+            // The alignment gap stays usable by smaller requests.
+            self.free.push((self.next, start));
+        }
+        self.next = start + size;
+        Some(start)
+    }
+
+    /// Give `[start, end)` back: merged with its free neighbours, and into the bump pointer when it ends there.
+    fn give_back(&mut self, start: u64, end: u64) {
+        let i = self.free.partition_point(|&(_, e)| e < start);
+        let (mut s, mut e) = (start, end);
+        while let Some(&(ns, ne)) = self.free.get(i) {
+            if ns > e {
+                break;
+            }
+            // Touching (or, which cannot happen, overlapping): merge.
+            s = s.min(ns);
+            e = e.max(ne);
+            self.free.remove(i);
+        }
+        if e >= self.next {
+            self.next = s;
+        } else {
+            self.free.insert(i, (s, e));
+        }
+        // The bump pointer may now meet the last free range.
+        while let Some(&(ls, le)) = self.free.last() {
+            if le < self.next {
+                break;
+            }
+            self.next = ls;
+            self.free.pop();
+        }
+    }
+
+    fn free_bytes(&self, limit: u64) -> u64 {
+        limit.saturating_sub(self.next) + self.free.iter().map(|&(s, e)| e - s).sum::<u64>()
+    }
 }
 
 impl std::fmt::Debug for Arena {
@@ -199,7 +267,7 @@ impl Arena {
             host_base,
             size_bytes: size,
             backing,
-            next_free: Mutex::new(0),
+            alloc: Mutex::new(Alloc::default()),
             carved_bytes: AtomicU64::new(0),
         }))
     }
@@ -228,7 +296,7 @@ impl Arena {
         self.size_bytes
     }
 
-    /// Bytes carved so far.
+    /// Bytes carved and not given back.
     pub fn carved_bytes(&self) -> u64 {
         self.carved_bytes.load(Ordering::Relaxed)
     }
@@ -247,9 +315,10 @@ impl Arena {
         (off < self.size_bytes).then_some(off)
     }
 
-    /// Carve `size_bytes` (rounded up to `align_bytes`, a power of two of at least 64) for `purpose`.
+    /// Carve `size_bytes` at an `align_bytes` boundary (a power of two; at least 64 is used) for `purpose`: from
+    /// bytes given back (first fit), else from the untouched end of the arena.
     ///
-    /// Start-time only: this takes a mutex.
+    /// Control path only: this takes a mutex.
     ///
     /// # Errors
     /// [`DriverError::ArenaExhausted`] when the arena has too little left; [`DriverError::ArenaSize`] for a zero size
@@ -259,16 +328,14 @@ impl Arena {
             return Err(DriverError::ArenaSize { size_bytes, reason: "zero size or alignment not a power of two" });
         }
         let align = align_bytes.max(64);
-        let mut next = self.next_free.lock().map_err(|_| DriverError::ArenaDescribe { detail: "arena lock poisoned".into() })?;
-        let start = next.div_ceil(align) * align;
-        let end = start.checked_add(size_bytes).filter(|&e| e <= self.size_bytes).ok_or(DriverError::ArenaExhausted {
+        let mut alloc = self.alloc.lock().map_err(|_| DriverError::ArenaDescribe { detail: "arena lock poisoned".into() })?;
+        let start = alloc.take(size_bytes, align, self.size_bytes).ok_or(DriverError::ArenaExhausted {
             purpose,
             size_bytes,
-            free_bytes: self.size_bytes.saturating_sub(*next),
+            free_bytes: alloc.free_bytes(self.size_bytes),
         })?;
-        *next = end;
-        self.carved_bytes.store(end, Ordering::Relaxed);
-        drop(next);
+        drop(alloc);
+        self.carved_bytes.fetch_add(size_bytes, Ordering::Relaxed);
         let offset = usize::try_from(start).map_err(|_| DriverError::ArenaSize { size_bytes, reason: "offset overflow" })?;
         // SAFETY: `start + size_bytes <= self.size_bytes` (checked above), so the pointer stays inside the mapping.
         let ptr = unsafe { self.host_base.as_ptr().add(offset) };
@@ -276,7 +343,8 @@ impl Arena {
             ptr: NonNull::new(ptr).ok_or_else(|| DriverError::ArenaDescribe { detail: "null region".into() })?,
             iova: IOVA_BASE + start,
             len: size_bytes,
-            _arena: Arc::clone(self),
+            reuse: false,
+            arena: Arc::clone(self),
         })
     }
 }
@@ -287,7 +355,26 @@ pub struct DmaRegion {
     ptr: NonNull<u8>,
     iova: u64,
     len: u64,
-    _arena: Arc<Arena>,
+    /// Give the bytes back to the arena on drop (see [`DmaRegion::reuse_on_drop`]).
+    reuse: bool,
+    arena: Arc<Arena>,
+}
+
+impl Drop for DmaRegion {
+    fn drop(&mut self) {
+        if !self.reuse {
+            return;
+        }
+        let start = self.iova - IOVA_BASE;
+        match self.arena.alloc.lock() {
+            Ok(mut a) => {
+                a.give_back(start, start + self.len);
+                self.arena.carved_bytes.fetch_sub(self.len, Ordering::Relaxed);
+            }
+            // A poisoned lock: the bytes stay out of use (safe, only lost).
+            Err(_) => tracing::error!(offset = start, len = self.len, "arena lock poisoned: a region is not given back"),
+        }
+    }
 }
 
 // SAFETY: a DmaRegion is a unique owner of its byte range of the arena (carve never hands out overlapping ranges),
@@ -310,6 +397,14 @@ impl DmaRegion {
     pub fn len(&self) -> u64 {
         self.len
     }
+    /// Choose whether the region's bytes go back to the arena when it is dropped (false, the default, keeps them out
+    /// of use for good). Set it only when no device can write the region any more once it is dropped (nothing of
+    /// it is in a queue, a PRP list or an I/O in flight), and clear it again when its memory turns out to be bad
+    /// (poisoned bytes must never be handed out).
+    pub fn reuse_on_drop(&mut self, reuse: bool) {
+        self.reuse = reuse;
+    }
+
     /// Whether the region is empty (never, for a carved one).
     pub fn is_empty(&self) -> bool {
         self.len == 0
@@ -591,4 +686,64 @@ mod tests {
     fn zero_size_is_an_error() {
         assert!(Arena::new(ArenaConfig { size_bytes: 0, ..Default::default() }).is_err());
     }
+
+    #[test]
+    fn regions_marked_for_reuse_come_back_and_others_never_do() {
+        let a = arena();
+        let total = a.size_bytes();
+        let kept = a.carve(1 << 20, 4096, "kept").expect("carve");
+        let mut r = a.carve(2 << 20, 4096, "reused").expect("carve");
+        let iova = r.iova();
+        r.reuse_on_drop(true);
+        drop(r);
+        let again = a.carve(1 << 20, 4096, "again").expect("carve");
+        assert_eq!(again.iova(), iova, "first fit lands in the bytes given back");
+        drop(kept);
+        assert_eq!(a.carved_bytes(), 2 << 20, "a region not marked stays carved");
+        let e = a.carve(total, 64, "too much").expect_err("exhausted");
+        assert!(e.to_string().contains("arena"), "{e}");
+    }
+
+    proptest::proptest! {
+        /// The allocator against a byte map: what it hands out is aligned, inside the arena and never overlaps
+        /// anything in use; giving everything back returns it to empty; a request fails only when no free run fits.
+        #[test]
+        fn allocator_matches_a_byte_map(ops in proptest::collection::vec((0u8..3, 1u64..40, 0u32..4), 1..200)) {
+            const LIMIT: u64 = 256;
+            let mut al = Alloc::default();
+            let mut used = [false; LIMIT as usize];
+            let mut live: Vec<(u64, u64)> = Vec::new();
+            for (op, size, k) in ops {
+                if op < 2 || live.is_empty() {
+                    let align = 1u64 << k;
+                    match al.take(size, align, LIMIT) {
+                        Some(s) => {
+                            proptest::prop_assert!(s % align == 0 && s + size <= LIMIT);
+                            proptest::prop_assert!(used[s as usize..(s + size) as usize].iter().all(|&u| !u), "overlap at {}", s);
+                            used[s as usize..(s + size) as usize].fill(true);
+                            live.push((s, s + size));
+                        }
+                        None => {
+                            // No aligned run of `size` free bytes anywhere.
+                            let fits = (0..LIMIT).step_by(align as usize).any(|s| s + size <= LIMIT && used[s as usize..(s + size) as usize].iter().all(|&u| !u));
+                            proptest::prop_assert!(!fits, "refused {} bytes at alignment {} with room", size, align);
+                        }
+                    }
+                } else {
+                    let (s, e) = live.swap_remove(size as usize % live.len());
+                    used[s as usize..e as usize].fill(false);
+                    al.give_back(s, e);
+                }
+                proptest::prop_assert!(al.free.windows(2).all(|w| w[0].1 < w[1].0), "free ranges sorted, apart: {:?}", al.free);
+                proptest::prop_assert!(al.free.last().is_none_or(|&(_, e)| e < al.next), "{:?} next {}", al.free, al.next);
+                let in_use = used.iter().filter(|&&u| u).count() as u64;
+                proptest::prop_assert_eq!(al.free_bytes(LIMIT), LIMIT - in_use);
+            }
+            for (s, e) in live.drain(..) {
+                al.give_back(s, e);
+            }
+            proptest::prop_assert_eq!((al.next, al.free.len()), (0, 0));
+        }
+    }
+
 }

@@ -175,6 +175,8 @@ fn arena_poison_under_cache_pages_drops_clean_and_loses_dirty() {
     listener.stop();
     drop(io);
     drop(ch);
+    let carved = arena.carved_bytes();
     drop(cache);
     reactors.stop().expect("stop");
+    assert_eq!(arena.carved_bytes(), carved, "pages with poisoned slots never go back to the arena");
 }

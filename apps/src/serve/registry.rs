@@ -2,7 +2,7 @@
 //! statistics. Control paths (RPC, handshakes) take the locks here; the I/O path holds `Arc`s and only bumps
 //! relaxed atomic counters.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Instant;
 
@@ -119,6 +119,8 @@ pub struct BdevEntry {
     pub claimed_by: RwLock<Option<String>>,
     /// A reactor held a channel to this bdev and flushed it on shutdown (it may not allow a second channel).
     pub reactor_flushed: AtomicBool,
+    /// NBD connections using the bdev now (a connection keeps its bdev after its export is deleted).
+    pub connections: AtomicU32,
     /// What else the appliance knows about the device (pmem mapping, NVMe controller).
     pub extra: BdevExtra,
     /// Where media errors go (the poison path), once serve has started it.
@@ -238,6 +240,8 @@ pub struct Registry {
     media_sink: Arc<OnceLock<Arc<PoisonPath>>>,
     next_id: AtomicU64,
     stopping: AtomicBool,
+    /// Counts bdev removals: a reactor that sees it change closes its idle channels to bdevs that are gone.
+    removals: AtomicU64,
 }
 
 impl std::fmt::Debug for Registry {
@@ -299,6 +303,7 @@ impl Registry {
             stats: IoStats::default(),
             claimed_by: RwLock::new(None),
             reactor_flushed: AtomicBool::new(false),
+            connections: AtomicU32::new(0),
             extra,
             media_sink: Arc::clone(&self.media_sink),
         })
@@ -361,6 +366,7 @@ impl Registry {
         }
         let c = cg.remove(ci);
         bg.retain(|x| !c.bdevs.iter().any(|b| b == x.bdev.name()));
+        self.removals.fetch_add(1, Ordering::Release);
         Ok(c)
     }
 
@@ -380,20 +386,40 @@ impl Registry {
     /// [`RegistryError::NotFound`] or [`RegistryError::InUse`].
     pub fn remove_bdev(&self, name: &str) -> Result<Arc<BdevEntry>, RegistryError> {
         let exports = read(&self.exports);
+        let mut g = write(&self.bdevs);
+        let i = Self::removable(&exports, &g, name)?;
+        let e = g.remove(i);
+        self.removals.fetch_add(1, Ordering::Release);
+        Ok(e)
+    }
+
+    /// Whether [`Registry::remove_bdev`] would remove `name` now.
+    ///
+    /// # Errors
+    /// As [`Registry::remove_bdev`].
+    pub fn check_removable(&self, name: &str) -> Result<(), RegistryError> {
+        Self::removable(&read(&self.exports), &read(&self.bdevs), name).map(|_| ())
+    }
+
+    fn removable(exports: &[Arc<ExportEntry>], bdevs: &[Arc<BdevEntry>], name: &str) -> Result<usize, RegistryError> {
         if let Some(x) = exports.iter().find(|x| x.bdev.bdev.name() == name) {
             return Err(RegistryError::InUse(format!(
                 "bdev {name:?} is exported as {:?}: delete the export first (nvstack_export_delete)",
                 x.info.name
             )));
         }
-        let mut g = write(&self.bdevs);
-        let Some(i) = g.iter().position(|b| b.bdev.name() == name) else {
+        let Some(i) = bdevs.iter().position(|b| b.bdev.name() == name) else {
             return Err(RegistryError::NotFound(format!("no bdev named {name:?}")));
         };
-        if let Some(by) = read(&g[i].claimed_by).clone() {
+        if let Some(by) = read(&bdevs[i].claimed_by).clone() {
             return Err(RegistryError::InUse(format!("bdev {name:?} is claimed by {by:?}: delete that first")));
         }
-        Ok(g.remove(i))
+        Ok(i)
+    }
+
+    /// How many bdevs have been removed so far (see [`Registry::remove_bdev`]).
+    pub fn removals(&self) -> u64 {
+        self.removals.load(Ordering::Acquire)
     }
 
     /// The bdev called `name`.

@@ -128,6 +128,7 @@ pub fn start(cfg: &NbdConfig, arena: &Arc<Arena>, reactors: &Reactors, registry:
             wait_ms: cfg.idle_wait_ms,
             inbox,
             free: Arc::clone(&free),
+            removals_seen: registry.removals(),
             registry: Arc::clone(&registry),
             tls: cfg.tls.clone(),
             conns: Vec::with_capacity(cfg.max_connections),
@@ -243,6 +244,8 @@ struct ReactorPoller {
     inbox: Arc<ArrayQueue<(Stream, ConnRes)>>,
     free: Arc<ArrayQueue<ConnRes>>,
     registry: Arc<Registry>,
+    /// [`Registry::removals`] when this reactor last closed its channels to removed bdevs.
+    removals_seen: u64,
     tls: Option<Arc<TlsSetup>>,
     conns: Vec<Option<Conn>>,
     chans: Vec<Option<ChanEntry>>,
@@ -268,6 +271,7 @@ impl ReactorPoller {
         if let Some(i) = self.chans.iter().position(|c| c.as_ref().is_some_and(|c| c.bdev_id == bdev_id)) {
             if let Some(c) = self.chans[i].as_mut() {
                 c.users += 1;
+                c.entry.connections.fetch_add(1, Ordering::AcqRel);
             }
             return Some(i);
         }
@@ -279,6 +283,7 @@ impl ReactorPoller {
                 return None;
             }
         };
+        entry.connections.fetch_add(1, Ordering::AcqRel);
         let e = ChanEntry { bdev_id, ch, users: 1, entry, flushed: None };
         if let Some(i) = self.chans.iter().position(Option::is_none) {
             self.chans[i] = Some(e);
@@ -291,6 +296,33 @@ impl ReactorPoller {
 }
 
 impl ReactorPoller {
+    /// Close the channels no connection uses to bdevs removed from the registry (a cache being deleted waits for
+    /// every channel to it to close). Channels otherwise stay open for the reactor's life.
+    fn close_removed_channels(&mut self) -> bool {
+        let removals = self.registry.removals();
+        if removals == self.removals_seen {
+            return false;
+        }
+        self.removals_seen = removals;
+        let live = self.registry.bdevs();
+        let mut closed = false;
+        for slot in self.chans.iter_mut() {
+            let gone = slot.as_ref().is_some_and(|ce| ce.users == 0 && !live.iter().any(|b| b.id == ce.bdev_id));
+            if gone {
+                if let Some(ce) = slot.take() {
+                    tracing::info!(bdev = ce.entry.bdev.name(), "nbd: closing this reactor's channel to a removed bdev");
+                }
+                closed = true;
+            }
+        }
+        if closed {
+            while matches!(self.chans.last(), Some(None)) {
+                self.chans.pop();
+            }
+        }
+        closed
+    }
+
     /// Shutdown: write back and flush every channel once, then report whether all flushes finished.
     fn flush_channels(&mut self) -> bool {
         let mut all = true;
@@ -336,6 +368,9 @@ impl Poller for ReactorPoller {
     fn poll(&mut self, ctx: &mut ReactorCtx) -> PollOutcome {
         let mut busy = false;
         let stopping = ctx.stopping();
+        if !stopping {
+            busy |= self.close_removed_channels();
+        }
         while let Some((s, res)) = self.inbox.pop() {
             let idx = self.conns.iter().position(Option::is_none).unwrap_or(self.conns.len());
             let c = Conn::new(s, res, idx, self.tls.clone());
@@ -424,6 +459,7 @@ impl Poller for ReactorPoller {
                 // channel, which is flushed and closed only at shutdown.
                 if let Some(Some(ce)) = self.chans.get_mut(chan) {
                     ce.users -= 1;
+                    ce.entry.connections.fetch_sub(1, Ordering::AcqRel);
                 }
                 busy = true;
             }

@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use nvstack_blockdev::pmem::PmemBdev;
 use nvstack_blockdev::reactor::Reactors;
-use nvstack_blockdev::BlockDev;
+use nvstack_blockdev::bdev::{run_sync, ChannelOpts};
+use nvstack_blockdev::{BlockDev, IoDesc, IoOp, IoStatus};
 use nvstack_driver::dma::Arena;
 use serde_json::{json, Map, Value};
 
@@ -48,6 +49,7 @@ pub const METHODS: &[&str] = &[
     "nvstack_bdev_create",
     "nvstack_bdev_delete",
     "nvstack_cache_create",
+    "nvstack_cache_delete",
     "framework_get_reactors",
     "save_config",
     "spdk_get_version",
@@ -79,6 +81,7 @@ const MUTATING: &[&str] = &[
     "nvstack_bdev_create",
     "nvstack_bdev_delete",
     "nvstack_cache_create",
+    "nvstack_cache_delete",
     "nvstack_export_create",
     "nvstack_export_delete",
     "bdev_nvme_attach_controller",
@@ -302,17 +305,98 @@ fn cache_create(app: &Appliance, method: &str, m: Map<String, Value>) -> Result<
     Ok(Value::String(name))
 }
 
+/// The method that deletes what `create` made.
+fn delete_method(create: &str) -> &'static str {
+    match create {
+        "bdev_malloc_create" => "bdev_malloc_delete",
+        "bdev_null_create" => "bdev_null_delete",
+        "bdev_aio_create" => "bdev_aio_delete",
+        "bdev_uring_create" => "bdev_uring_delete",
+        "nvstack_cache_create" => "nvstack_cache_delete",
+        "bdev_nvme_attach_controller" => "bdev_nvme_detach_controller (for its controller)",
+        _ => "nvstack_bdev_delete",
+    }
+}
+
 fn bdev_delete(app: &Appliance, method: &str, m: Map<String, Value>, want: &[&str]) -> Result<Value, RpcError> {
     check_keys(&m, method, &["name"])?;
     let name = need_str(&m, "name", method)?;
     match app.registry.bdev(name) {
         Some(b) if !want.contains(&b.method.as_str()) => {
-            return Err(RpcError::params(format!("{method}: bdev {name:?} was made by {}, not by this kind", b.method)))
+            return Err(RpcError::params(format!(
+                "{method}: bdev {name:?} was made by {}, not by this kind: delete it with {}",
+                b.method,
+                delete_method(&b.method)
+            )))
         }
         None => return Err(RpcError::new(code::NO_DEVICE, format!("{method}: no bdev named {name:?}"))),
         _ => {}
     }
     app.registry.remove_bdev(name).map_err(reg_err)?;
+    Ok(Value::Bool(true))
+}
+
+/// How long `nvstack_cache_delete`'s write-back (a FLUSH through the cache) may take.
+const CACHE_DELETE_FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long `nvstack_cache_delete` waits for the cache's shards to leave their reactors.
+const CACHE_DELETE_CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// `nvstack_cache_delete {name}`: write the cache back, stop it and free its base bdev. Refused, with nothing
+/// changed, while the cache is exported or still serves connections, or when the write-back fails.
+fn cache_delete(app: &Appliance, method: &str, m: Map<String, Value>) -> Result<Value, RpcError> {
+    check_keys(&m, method, &["name"])?;
+    let name = need_str(&m, "name", method)?;
+    let entry = app.registry.bdev(name).ok_or_else(|| RpcError::new(code::NO_DEVICE, format!("{method}: no bdev named {name:?}")))?;
+    let Some(cache) = entry.extra.cache.clone() else {
+        return Err(RpcError::params(format!(
+            "{method}: bdev {name:?} is not a cache (made by {}): delete it with {}",
+            entry.method,
+            delete_method(&entry.method)
+        )));
+    };
+    let base_name = entry.params.get("base_bdev_name").and_then(Value::as_str).unwrap_or_default().to_string();
+    app.registry.check_removable(name).map_err(reg_err)?;
+    let conns = entry.connections.load(Ordering::Acquire);
+    if conns > 0 {
+        return Err(RpcError::new(
+            code::BUSY,
+            format!("{method}: cache {name:?} still serves {conns} NBD connection(s) (their export is deleted, they are not): disconnect those clients first"),
+        ));
+    }
+    // 1. Write everything back while the cache still runs: on failure it stays as it was, data and all.
+    let failed = |why: String| {
+        RpcError::new(
+            code::IO_ERROR,
+            format!("{method}: writing cache {name:?} back to {base_name:?} failed ({why}): nothing was deleted; check the base device, then retry"),
+        )
+    };
+    let mut ch = entry.bdev.open_channel(ChannelOpts { reactor_index: 0, queue_depth: 4 }).map_err(|e| failed(e.to_string()))?;
+    let mut io = IoDesc::new(1);
+    io.prepare(IoOp::Flush, 0, 0);
+    match run_sync(ch.as_mut(), io, CACHE_DELETE_FLUSH_TIMEOUT) {
+        Ok(io) if io.status == IoStatus::Success => {}
+        Ok(io) => return Err(failed(format!("{:?}", io.status))),
+        Err(e) => return Err(failed(e.to_string())),
+    }
+    drop(ch);
+    // 2. Out of the registry (no export or connection can reach it any more: the reactors close their idle channels
+    // to it), then stop its shards.
+    let entry = app.registry.remove_bdev(name).map_err(reg_err)?;
+    cache.close(CACHE_DELETE_CLOSE_TIMEOUT).map_err(|e| {
+        tracing::error!(cache = name, error = %e, "cache delete: the cache did not stop cleanly");
+        RpcError::new(
+            code::IO_ERROR,
+            format!("{method}: cache {name:?} is deleted from the registry but did not stop cleanly: {e}; its base {base_name:?} stays claimed (restart the appliance to release it)"),
+        )
+    })?;
+    drop(entry);
+    // 3. The base bdev is free again: it can be exported, deleted or cached anew.
+    if let Some(base) = app.registry.bdev(&base_name) {
+        if let Ok(mut c) = base.claimed_by.write() {
+            *c = None;
+        }
+    }
+    tracing::info!(cache = name, base = base_name, "cache deleted");
     Ok(Value::Bool(true))
 }
 
@@ -429,6 +513,7 @@ fn dispatch(app: &Appliance, method: &str, params: Option<Value>) -> Result<Valu
         }
         "nvstack_bdev_delete" => bdev_delete(app, method, m, &["nvstack_bdev_create"]),
         "nvstack_cache_create" => cache_create(app, method, m),
+        "nvstack_cache_delete" => cache_delete(app, method, m),
         "bdev_nvme_attach_controller" => nvme::attach(app, method, m),
         "bdev_nvme_detach_controller" => nvme::detach(app, method, m),
         "bdev_nvme_get_controllers" => nvme::get_controllers(app, method, m),
