@@ -203,3 +203,48 @@ fn cache_delete_writes_back_stops_the_cache_and_frees_its_base() {
     assert!(!cfg.contains("M9"), "{cfg}");
     assert!(s.stop().success());
 }
+
+/// A cache whose write-back fails is not deleted: the error says so, and the cache, its dirty data and the claim on
+/// its base stay; once the base writes again, the delete goes through and the base holds the data.
+#[test]
+fn cache_delete_refused_when_the_write_back_fails() {
+    let s = Server::start("cachedel-fail", &["--no-cache"]);
+    assert_eq!(s.rpc("bdev_nvme_attach_controller", json!({"name": "Nvme0", "trtype": "sim"}))["result"], json!(["Nvme0n1", "Nvme0n2"]));
+    let v = s.rpc("nvstack_cache_create", json!({"base_bdev_name": "Nvme0n1", "cache_mb": 4, "writeback_interval_ms": 3_600_000}));
+    let cache = v["result"].as_str().unwrap_or_else(|| panic!("{v}")).to_string();
+    assert_eq!(s.rpc("nvstack_export_create", json!({"name": "c", "bdev_name": cache}))["result"], true);
+    let data: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
+    let mut cl = RawClient::connect(&s.nbd_sock, "c", false);
+    cl.send(0, 1, 1, 3 * 4096, 8192, &data);
+    assert_eq!(cl.reply().0, 0, "write (cached, dirty)");
+    drop(cl);
+    assert_eq!(s.rpc("nvstack_export_delete", json!({"name": "c"}))["result"], true);
+    // The namespace fails the next write of block 3 (the write-back).
+    let v = s.rpc("nvstack_nvme_sim_inject_error", json!({"name": "Nvme0", "nsid": 1, "slba": 3, "ops": "write", "count": 1}));
+    assert_eq!(v["result"], true, "{v}");
+    let delete = || {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let v = s.rpc("nvstack_cache_delete", json!({"name": cache}));
+            let busy = v["error"]["code"] == -16 && v["error"]["message"].as_str().unwrap_or_default().contains("NBD connection");
+            if !busy || std::time::Instant::now() > deadline {
+                return v;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    let (c, m) = rpc_err(&delete());
+    assert_eq!(c, -5, "{m}");
+    assert!(m.contains("nothing was deleted") && m.contains("Nvme0n1"), "{m}");
+    assert!(claimed(&s, "Nvme0n1"), "the base stays claimed");
+    assert_eq!(s.rpc("bdev_get_bdevs", json!({"name": cache}))["result"][0]["name"], cache.as_str(), "the cache stays");
+    // The fault was used up: the delete goes through now, and the base holds the data.
+    assert_eq!(delete()["result"], true);
+    assert!(!claimed(&s, "Nvme0n1"));
+    assert_eq!(s.rpc("nvstack_export_create", json!({"name": "n", "bdev_name": "Nvme0n1"}))["result"], true);
+    let mut cl = RawClient::connect(&s.nbd_sock, "n", false);
+    let (e, got) = nbd_read(&mut cl, 2, 3 * 4096, 8192);
+    assert!(e == 0 && got == data, "written back after the retry (error {e})");
+    drop(cl);
+    assert!(s.stop().success());
+}
