@@ -319,7 +319,8 @@ fn print_event(e: &PoisonEvent, json: bool) -> Result<(), AppError> {
         let what = match &p.owner {
             Owner::Free => "free space".to_owned(),
             Owner::CachePage { page_index, dirty, first_dirtier, .. } => {
-                format!("cache page {page_index} ({}, first dirtier {first_dirtier:?})", if *dirty { "dirty" } else { "clean" })
+                let who = first_dirtier.map_or_else(|| "none".to_string(), nvstack_blockdev::client::describe);
+                format!("cache page {page_index} ({}, first dirtier: {who})", if *dirty { "dirty" } else { "clean" })
             }
             Owner::CacheSlotFree { page_index } => format!("free cache slot {page_index}"),
             Owner::CacheSlotRetired { page_index } => format!("retired cache slot {page_index} (poisoned before)"),

@@ -286,9 +286,10 @@ pub struct IoDesc {
     pub ctx: u64,
     /// Second caller context word.
     pub ctx2: u64,
-    /// Who asked, when the caller says (0: not said): the NBD server puts its connection number here. Stacked
-    /// devices pass it down; the cache records it as the first dirtier of the bytes a write dirties (without it,
-    /// the submitting reactor's index + 1). Reset by [`IoDesc::prepare`].
+    /// Who asked, when the caller says (0: not said; numbering in [`crate::client`]): the NBD server puts its
+    /// connection number here. Stacked devices pass it down; the cache records it as the first dirtier of the bytes
+    /// a write dirties (without it, [`crate::client::internal`] of the submitting reactor). Reset by
+    /// [`IoDesc::prepare`].
     pub client: u16,
     /// Set by the channel at completion.
     pub status: IoStatus,

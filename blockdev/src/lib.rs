@@ -9,6 +9,7 @@
 //! - [`contract`]: the checks every backend must pass, reusable by any crate's tests.
 
 pub mod bdev;
+pub mod client;
 pub mod coremask;
 pub mod error;
 pub mod reactor;

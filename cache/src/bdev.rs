@@ -376,7 +376,7 @@ pub struct CacheChannel {
     pages: Pages,
     arena: Arc<Arena>,
     write_back: bool,
-    /// First-dirtier id for requests (single-reactor mode: the reactor index + 1).
+    /// First-dirtier id for requests that name no client (the channel's reactor, as an internal client).
     client: u16,
     /// A shard of a striped cache: requests are pieces cut by a `StripedChannel`, already validated, whose
     /// first-dirtier id travels in `ctx` (bits 48..64).
@@ -501,7 +501,7 @@ impl CacheChannel {
             pages,
             arena: Arc::clone(&dev.arena),
             write_back: dev.cfg.write_back,
-            client: u16::try_from(opts.reactor_index + 1).unwrap_or(u16::MAX),
+            client: nvstack_blockdev::client::internal(opts.reactor_index),
             striped_shard: dev.shared.is_striped(),
             shared: Arc::clone(&dev.shared),
             shard: dev.shard,
@@ -531,7 +531,7 @@ impl CacheChannel {
         }))
     }
 
-    /// The first-dirtier tag for request `r`: who (the request's client, else this channel's reactor index + 1)
+    /// The first-dirtier tag for request `r`: who (the request's client, else this channel's reactor as an internal client)
     /// and when.
     fn tag(&self, r: u32) -> Tag {
         // Milliseconds since the channel opened (u32: 49 days, then it saturates).

@@ -849,7 +849,7 @@ impl StripedChannel {
         let segs = geo.max_segments as usize;
         Ok(Box::new(StripedChannel {
             id: id as u16,
-            client: u16::try_from(opts.reactor_index + 1).unwrap_or(u16::MAX),
+            client: nvstack_blockdev::client::internal(opts.reactor_index),
             geo,
             feat: dev.features(),
             depth,
@@ -1163,7 +1163,7 @@ impl StripedChannel {
         (u64::from(self.id) << 32) | u64::from(parent)
     }
 
-    /// Who a piece of `io` is for: the request's client, else this channel's reactor index + 1.
+    /// Who a piece of `io` is for: the request's client, else this channel's reactor as an internal client.
     fn client_of(&self, io: &IoDesc) -> u16 {
         if io.client != 0 {
             io.client

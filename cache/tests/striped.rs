@@ -760,13 +760,13 @@ fn pieces_carry_the_requests_client_as_first_dirtier() {
     for p in &pieces {
         assert_eq!(p.state.tag.client, 500, "{p:?}");
     }
-    // No client named: the channel's reactor index + 1.
+    // No client named: the channel's reactor (4) as an internal client.
     d.prepare(IoOp::Write, 3 * STRIPE / BS, 2 * BLK / BS);
     let d = run_sync(ch.as_mut(), d, t).expect("write");
     assert_eq!(d.status, IoStatus::Success);
     let pieces = cache.query_range(3 * STRIPE, 3 * STRIPE + 2 * BLK).expect("query");
     assert_eq!(pieces.len(), 2, "{pieces:?}");
-    assert!(pieces.iter().all(|p| p.state.tag.client == 5), "{pieces:?}");
+    assert!(pieces.iter().all(|p| p.state.tag.client == nvstack_blockdev::client::internal(4)), "{pieces:?}");
     drop(ch);
     drop(cache);
 }

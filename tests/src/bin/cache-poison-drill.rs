@@ -57,6 +57,8 @@ impl Io {
         } else {
             d.prepare(op, 0, 0);
         }
+        // Named as an outside client would be (NBD connection 1): the data-loss report names it.
+        d.client = 1;
         let d = run_sync(self.ch.as_mut(), d, Duration::from_secs(30)).map_err(|e| format!("{op:?} at {off:#x}: {e}"))?;
         Ok(d.status)
     }

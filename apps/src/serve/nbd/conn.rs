@@ -83,7 +83,7 @@ pub struct ConnRes {
     pub pool: BufPool,
     /// A read-only region of zeroes ([`CHUNK_BYTES`]) used to emulate write zeroes.
     pub zero: Arc<DmaRegion>,
-    /// The connection's number (1..=65535, then again from 1), given at accept and logged there with the peer's
+    /// The connection's number (1..=32767, then again from 1: `nvstack_blockdev::client`), given at accept and logged there with the peer's
     /// address: every request carries it (`IoDesc::client`), so the cache records it as the first dirtier.
     pub client: u16,
 }

@@ -210,7 +210,7 @@ impl Acceptor {
             tracing::warn!(peer, "nbd: connection limit reached; refusing a connection (raise --max-connections)");
             return;
         };
-        self.accepted = self.accepted.checked_add(1).unwrap_or(1);
+        self.accepted = nvstack_blockdev::client::next_external(self.accepted);
         res.client = self.accepted;
         tracing::info!(client = res.client, peer, "nbd: connection accepted (its writes are tagged with this client number)");
         let mut item = (s, res);
