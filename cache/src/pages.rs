@@ -237,10 +237,10 @@ impl Pages {
     /// the engine once no device I/O into them is in flight. Not when a slot was retired: poisoned memory is never
     /// handed out again (the whole region then stays out of use).
     pub fn give_back_on_drop(&mut self) {
-        let clean = self.retired_count() == 0;
-        self.region.reuse_on_drop(clean);
-        if !clean {
-            tracing::info!(retired = self.retired_count(), "cache pages: poisoned slots, so the memory is not reused");
+        let retired = self.retired_count();
+        self.region.reuse_on_drop(retired == 0);
+        if retired > 0 {
+            tracing::info!(retired, "cache pages: poisoned slots, so the memory is not reused");
         }
     }
 

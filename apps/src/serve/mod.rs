@@ -130,19 +130,26 @@ fn install_signals() -> Result<(), AppError> {
     Ok(())
 }
 
+/// FLUSH `bdev` through a channel of this thread's own, waiting up to `timeout`; the failure in words.
+pub(crate) fn flush_bdev(bdev: &dyn nvstack_blockdev::BlockDev, timeout: Duration) -> Result<(), String> {
+    let mut ch = bdev.open_channel(ChannelOpts { reactor_index: 0, queue_depth: 4 }).map_err(|e| e.to_string())?;
+    let mut io = IoDesc::new(1);
+    io.prepare(IoOp::Flush, 0, 0);
+    match run_sync(ch.as_mut(), io, timeout) {
+        Ok(io) if io.status == IoStatus::Success => Ok(()),
+        Ok(io) => Err(format!("{:?}", io.status)),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 fn flush_all(registry: &Registry) -> Result<(), AppError> {
     let mut failed = Vec::new();
     for b in registry.bdevs().iter().rev() {
         if b.reactor_flushed.load(Ordering::Acquire) {
             continue; // Flushed through its reactor channel.
         }
-        let mut ch = b.bdev.open_channel(ChannelOpts { reactor_index: 0, queue_depth: 4 })?;
-        let mut io = IoDesc::new(1);
-        io.prepare(IoOp::Flush, 0, 0);
-        match run_sync(ch.as_mut(), io, Duration::from_secs(60)) {
-            Ok(io) if io.status == IoStatus::Success => {}
-            Ok(io) => failed.push(format!("{}: {:?}", b.bdev.name(), io.status)),
-            Err(e) => failed.push(format!("{}: {e}", b.bdev.name())),
+        if let Err(e) = flush_bdev(b.bdev.as_ref(), Duration::from_secs(60)) {
+            failed.push(format!("{}: {e}", b.bdev.name()));
         }
     }
     if failed.is_empty() {

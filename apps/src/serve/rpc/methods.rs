@@ -5,8 +5,7 @@ use std::sync::Arc;
 
 use nvstack_blockdev::pmem::PmemBdev;
 use nvstack_blockdev::reactor::Reactors;
-use nvstack_blockdev::bdev::{run_sync, ChannelOpts};
-use nvstack_blockdev::{BlockDev, IoDesc, IoOp, IoStatus};
+use nvstack_blockdev::BlockDev;
 use nvstack_driver::dma::Arena;
 use serde_json::{json, Map, Value};
 
@@ -364,21 +363,12 @@ fn cache_delete(app: &Appliance, method: &str, m: Map<String, Value>) -> Result<
         ));
     }
     // 1. Write everything back while the cache still runs: on failure it stays as it was, data and all.
-    let failed = |why: String| {
+    crate::serve::flush_bdev(entry.bdev.as_ref(), CACHE_DELETE_FLUSH_TIMEOUT).map_err(|why| {
         RpcError::new(
             code::IO_ERROR,
             format!("{method}: writing cache {name:?} back to {base_name:?} failed ({why}): nothing was deleted; check the base device, then retry"),
         )
-    };
-    let mut ch = entry.bdev.open_channel(ChannelOpts { reactor_index: 0, queue_depth: 4 }).map_err(|e| failed(e.to_string()))?;
-    let mut io = IoDesc::new(1);
-    io.prepare(IoOp::Flush, 0, 0);
-    match run_sync(ch.as_mut(), io, CACHE_DELETE_FLUSH_TIMEOUT) {
-        Ok(io) if io.status == IoStatus::Success => {}
-        Ok(io) => return Err(failed(format!("{:?}", io.status))),
-        Err(e) => return Err(failed(e.to_string())),
-    }
-    drop(ch);
+    })?;
     // 2. Out of the registry (no export or connection can reach it any more: the reactors close their idle channels
     // to it), then stop its shards.
     let entry = app.registry.remove_bdev(name).map_err(reg_err)?;
